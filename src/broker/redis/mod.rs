@@ -1,0 +1,340 @@
+//! The Redis backend: Celery's kombu layout read with pipelined commands over one shared,
+//! self-reconnecting connection per broker (plain, TLS, Unix socket, or Sentinel-managed).
+
+mod layout;
+mod target;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
+use tokio::sync::Mutex;
+
+pub use layout::{
+    printable, route, topic_matches, unacked_routing, unescape, Binding, RedisLayout,
+    DEFAULT_PRIORITY_STEPS, DEFAULT_SEPARATOR,
+};
+pub use target::{RedisAddr, RedisTarget, TlsSettings};
+
+use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
+use crate::error::{Error, Result};
+use crate::secret::redact_urls;
+
+/// How the connection to the server is obtained.
+enum Source {
+    /// A fixed address: the manager reconnects to it by itself.
+    Direct(ConnectionManager),
+    /// A Sentinel-managed master: resolved on first use and again after a connection error,
+    /// so a failover moves the scaler to the new master.
+    Sentinel {
+        sentinel: Mutex<SentinelClient>,
+        current: Mutex<Option<ConnectionManager>>,
+    },
+}
+
+/// A Redis broker client, shared by every trigger that names the same [`RedisTarget`].
+pub struct RedisBroker {
+    target: RedisTarget,
+    source: Source,
+    config: ConnectionManagerConfig,
+}
+
+impl RedisBroker {
+    /// Builds the client without connecting: the first query connects.
+    pub fn new(target: RedisTarget, settings: &ClientSettings) -> Result<Self> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let redacted = target.redacted();
+        let fail = |e: redis::RedisError| convert(&redacted, &target, e);
+        let redis_info = {
+            let mut info = RedisConnectionInfo::default().set_db(target.db);
+            if let Some(user) = &target.username {
+                info = info.set_username(user);
+            }
+            if let Some(pw) = &target.password {
+                info = info.set_password(pw.expose());
+            }
+            info
+        };
+        let source = match &target.addr {
+            RedisAddr::Sentinel { nodes, master } => {
+                let master = master.as_deref().ok_or_else(|| {
+                    Error::invalid(
+                        "sentinelMaster",
+                        "is required with a sentinel:// broker URL (kombu's master_name)",
+                    )
+                })?;
+                let addrs = nodes
+                    .iter()
+                    .map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
+                let mut builder =
+                    SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+                        .map_err(fail)?
+                        .set_client_to_redis_db(target.db);
+                if let Some(user) = &target.username {
+                    builder = builder.set_client_to_redis_username(user);
+                }
+                if let Some(pw) = &target.password {
+                    builder = builder.set_client_to_redis_password(pw.expose());
+                }
+                Source::Sentinel {
+                    sentinel: Mutex::new(builder.build().map_err(fail)?),
+                    current: Mutex::new(None),
+                }
+            }
+            addr => {
+                let client = build_client(addr, redis_info, &redacted)?;
+                Source::Direct(
+                    ConnectionManager::new_lazy_with_config(client, config.clone())
+                        .map_err(fail)?,
+                )
+            }
+        };
+        Ok(RedisBroker {
+            target,
+            source,
+            config,
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager> {
+        match &self.source {
+            Source::Direct(manager) => Ok(manager.clone()),
+            Source::Sentinel { sentinel, current } => {
+                let mut current = current.lock().await;
+                if let Some(conn) = current.as_ref() {
+                    return Ok(conn.clone());
+                }
+                let client = sentinel
+                    .lock()
+                    .await
+                    .async_get_client()
+                    .await
+                    .map_err(|e| self.convert(e))?;
+                let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())
+                    .map_err(|e| self.convert(e))?;
+                *current = Some(manager.clone());
+                Ok(manager)
+            }
+        }
+    }
+
+    /// After a connection-level failure, forget a Sentinel-resolved master.
+    async fn forget_master(&self, err: &redis::RedisError) {
+        if let Source::Sentinel { current, .. } = &self.source {
+            if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+                *current.lock().await = None;
+            }
+        }
+    }
+
+    fn unexpected(&self, err: impl std::fmt::Display) -> Error {
+        Error::Internal(format!(
+            "Redis broker {}: unexpected reply: {}",
+            self.target.redacted(),
+            redact_urls(&err.to_string())
+        ))
+    }
+
+    fn convert(&self, err: redis::RedisError) -> Error {
+        convert(&self.target.redacted(), &self.target, err)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        let mut conn = self.connection().await?;
+        match pipe.query_async(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.forget_master(&e).await;
+                Err(self.convert(e))
+            }
+        }
+    }
+}
+
+fn build_client(
+    addr: &RedisAddr,
+    redis_info: RedisConnectionInfo,
+    redacted: &str,
+) -> Result<Client> {
+    let unavailable = |what: String| Error::Unavailable(format!("Redis broker {redacted}: {what}"));
+    let conn_addr = match addr {
+        RedisAddr::Tcp { host, port } => ConnectionAddr::Tcp(host.clone(), *port),
+        RedisAddr::Tls { host, port, tls } => ConnectionAddr::TcpTls {
+            host: host.clone(),
+            port: *port,
+            insecure: !tls.verify,
+            tls_params: None,
+        },
+        RedisAddr::Unix { path } => ConnectionAddr::Unix(path.clone()),
+        RedisAddr::Sentinel { .. } => {
+            unreachable!("sentinel targets are built by RedisBroker::new")
+        }
+    };
+    let info: ConnectionInfo = conn_addr
+        .into_connection_info()
+        .map_err(|e| unavailable(e.to_string()))?
+        .set_redis_settings(redis_info);
+    match addr {
+        RedisAddr::Tls { tls, .. } if tls.ca_certs.is_some() || tls.client_cert.is_some() => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))
+            };
+            let root_cert = tls.ca_certs.as_deref().map(read).transpose()?;
+            let client_tls = match &tls.client_cert {
+                Some((cert, key)) => Some(redis::ClientTlsConfig {
+                    client_cert: read(cert)?,
+                    client_key: read(key)?,
+                }),
+                None => None,
+            };
+            Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(|e| unavailable(e.to_string()))
+        }
+        _ => Client::open(info).map_err(|e| unavailable(e.to_string())),
+    }
+}
+
+/// Converts a client error into the scaler's error, naming the broker by its redacted URL and
+/// scrubbing the password from the library's text in case it quotes it.
+fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Error {
+    let mut text = redact_urls(&err.to_string());
+    if let Some(pw) = &target.password {
+        if !pw.expose().is_empty() {
+            text = text.replace(pw.expose(), "***");
+        }
+    }
+    let msg = format!("Redis broker {redacted}: {text}");
+    match err.code() {
+        Some("WRONGPASS" | "NOAUTH") => return Error::Unauthenticated(msg),
+        Some("NOPERM") => return Error::PermissionDenied(msg),
+        _ => {}
+    }
+    if err.is_timeout() {
+        Error::DeadlineExceeded(msg)
+    } else if err.is_io_error()
+        || err.is_connection_refusal()
+        || err.is_connection_dropped()
+        || matches!(
+            err.kind(),
+            redis::ErrorKind::Io | redis::ErrorKind::InvalidClientConfig
+        )
+    {
+        Error::Unavailable(msg)
+    } else if err.code() == Some("LOADING") || err.code() == Some("MASTERDOWN") {
+        Error::Unavailable(msg)
+    } else {
+        Error::Internal(msg)
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
+        let Layout::Redis(layout) = &query.layout;
+        // One atomic round trip: every priority list of every queue, and the unacked hash.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut keys = Vec::with_capacity(query.queues.len());
+        for queue in &query.queues {
+            let queue_keys = layout.ready_keys(queue);
+            for (_, key) in &queue_keys {
+                pipe.llen(key);
+            }
+            keys.push(queue_keys);
+        }
+        if query.in_flight {
+            pipe.hvals(layout.unacked_key());
+        }
+        let mut values: Vec<redis::Value> = self.run(&pipe).await?;
+        let unacked: Vec<Vec<u8>> = if query.in_flight {
+            let v = values.pop().unwrap_or(redis::Value::Nil);
+            redis::from_redis_value(v).map_err(|e| self.unexpected(e))?
+        } else {
+            Vec::new()
+        };
+        let mut lens = values.into_iter();
+        let mut queues = Vec::with_capacity(query.queues.len());
+        for (queue, queue_keys) in query.queues.iter().zip(keys) {
+            let mut ready = Vec::with_capacity(queue_keys.len());
+            for (step, key) in queue_keys {
+                let value = lens.next().ok_or_else(|| {
+                    Error::Internal("Redis returned fewer replies than commands".into())
+                })?;
+                let count: u64 = redis::from_redis_value(value).map_err(|e| self.unexpected(e))?;
+                ready.push(ReadyPart {
+                    source: printable(&key),
+                    priority: Some(step),
+                    count,
+                });
+            }
+            queues.push(QueueDepth {
+                queue: queue.clone(),
+                ready,
+                in_flight: 0,
+                running: 0,
+            });
+        }
+        if !unacked.is_empty() {
+            let counts = self.count_unacked(layout, &unacked).await?;
+            for q in &mut queues {
+                q.in_flight = counts.get(q.queue.as_str()).copied().unwrap_or(0);
+            }
+        }
+        Ok(Depth { queues })
+    }
+}
+
+impl RedisBroker {
+    /// Routes each unacked entry to its queue(s) through the exchanges' binding tables, as kombu
+    /// does when it restores them, and counts entries per queue.
+    async fn count_unacked(
+        &self,
+        layout: &RedisLayout,
+        unacked: &[Vec<u8>],
+    ) -> Result<HashMap<String, u64>> {
+        let routed: Vec<(String, String)> =
+            unacked.iter().filter_map(|v| unacked_routing(v)).collect();
+        let exchanges: BTreeSet<&str> = routed
+            .iter()
+            .map(|(ex, _)| ex.as_str())
+            .filter(|ex| !ex.is_empty())
+            .collect();
+        let mut tables: HashMap<String, Vec<Binding>> = HashMap::new();
+        if !exchanges.is_empty() {
+            let mut pipe = redis::pipe();
+            for ex in &exchanges {
+                pipe.smembers(layout.binding_key(ex));
+            }
+            let members: Vec<Vec<String>> = self.run(&pipe).await?;
+            for (ex, rows) in exchanges.iter().zip(members) {
+                tables.insert(
+                    ex.to_string(),
+                    rows.iter()
+                        .filter_map(|m| layout.parse_binding(m))
+                        .collect(),
+                );
+            }
+        }
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for (ex, rk) in &routed {
+            for queue in route(ex, rk, &tables) {
+                *counts.entry(queue.to_string()).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,340 @@
+//! Redis broker URLs as Celery/kombu accept them, and the connection settings they produce.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::secret::{redact_urls, Secret};
+
+/// Default Redis port, as kombu uses it.
+const DEFAULT_PORT: u16 = 6379;
+/// Default Sentinel port.
+const DEFAULT_SENTINEL_PORT: u16 = 26379;
+
+/// Where the Redis server is and how to reach it.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum RedisAddr {
+    /// Plain TCP.
+    Tcp { host: String, port: u16 },
+    /// TLS (`rediss://`).
+    Tls {
+        host: String,
+        port: u16,
+        tls: TlsSettings,
+    },
+    /// A Unix socket (`redis+socket:///path`).
+    Unix { path: PathBuf },
+    /// A master found through Redis Sentinel (`sentinel://h1:26379;sentinel://h2:26379`).
+    Sentinel {
+        nodes: Vec<(String, u16)>,
+        /// kombu's `master_name`, from the `sentinelMaster` metadata key.
+        master: Option<String>,
+    },
+}
+
+/// Celery's `ssl_*` query parameters on a `rediss://` URL.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct TlsSettings {
+    /// `ssl_cert_reqs`: `required` (default here, Celery's recommendation) or `optional` verify the
+    /// server certificate; `none` does not.
+    pub verify: bool,
+    /// `ssl_ca_certs`: a PEM file of trusted roots; the system roots when absent.
+    pub ca_certs: Option<PathBuf>,
+    /// `ssl_certfile` / `ssl_keyfile`: a client certificate for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Everything needed to connect to one Redis database. Equal targets share a connection.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RedisTarget {
+    pub addr: RedisAddr,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+fn decode(part: &str) -> String {
+    percent_decode_str(part).decode_utf8_lossy().into_owned()
+}
+
+impl RedisTarget {
+    /// Parses a Celery Redis broker URL that came from metadata key (or env var) `key`.
+    pub fn parse(key: &str, raw: &str) -> Result<Self> {
+        let shown = redact_urls(raw);
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{shown}`"));
+        let parts: Vec<&str> = raw
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let first = parts.first().ok_or_else(|| bad("no URL"))?;
+        let url = Url::parse(first).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+        let scheme = url.scheme().to_ascii_lowercase();
+        if parts.len() > 1 && scheme != "sentinel" {
+            return Err(bad(
+                "several `;`-separated URLs are only allowed for sentinel://",
+            ));
+        }
+        let username = Some(decode(url.username())).filter(|u| !u.is_empty());
+        let password = url.password().map(|p| Secret::new(decode(p)));
+        let query: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let q = |name: &str| {
+            query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+
+        let (addr, db_text) = match scheme.as_str() {
+            "redis" | "rediss" => {
+                let host = url
+                    .host_str()
+                    .unwrap_or("127.0.0.1")
+                    .trim_matches(['[', ']'])
+                    .to_string();
+                let port = url.port().unwrap_or(DEFAULT_PORT);
+                let addr = if scheme == "rediss" {
+                    RedisAddr::Tls {
+                        host,
+                        port,
+                        tls: parse_tls(q, &bad)?,
+                    }
+                } else {
+                    RedisAddr::Tcp { host, port }
+                };
+                (addr, url.path().to_string())
+            }
+            "redis+socket" | "socket" => {
+                let path = url.path();
+                if path.is_empty() || path == "/" {
+                    return Err(bad(
+                        "a socket URL needs a path, like redis+socket:///run/redis.sock",
+                    ));
+                }
+                (
+                    RedisAddr::Unix {
+                        path: PathBuf::from(decode(path)),
+                    },
+                    // kombu reads the database of a socket URL from `virtual_host`.
+                    q("virtual_host").unwrap_or("").to_string(),
+                )
+            }
+            "sentinel" => {
+                let mut nodes = Vec::with_capacity(parts.len());
+                for part in &parts {
+                    let u = Url::parse(part).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+                    if !u.scheme().eq_ignore_ascii_case("sentinel") {
+                        return Err(bad("every `;`-separated URL must be sentinel://"));
+                    }
+                    let host = u
+                        .host_str()
+                        .filter(|h| !h.is_empty())
+                        .ok_or_else(|| bad("a sentinel URL needs a host"))?;
+                    nodes.push((
+                        host.trim_matches(['[', ']']).to_string(),
+                        u.port().unwrap_or(DEFAULT_SENTINEL_PORT),
+                    ));
+                }
+                (
+                    RedisAddr::Sentinel {
+                        nodes,
+                        master: None,
+                    },
+                    url.path().to_string(),
+                )
+            }
+            other => return Err(bad(&format!("`{other}://` is not a Redis scheme"))),
+        };
+        let db = parse_db(
+            q("virtual_host")
+                .filter(|_| scheme != "redis+socket")
+                .map_or(db_text.as_str(), |v| v),
+        )
+        .ok_or_else(|| bad("the database must be a number between 0 and 65535"))?;
+        Ok(RedisTarget {
+            addr,
+            db,
+            username,
+            password,
+        })
+    }
+
+    /// A URL for people: the password, if any, is `***`.
+    pub fn redacted(&self) -> String {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (None, Some(_)) => ":***@".to_string(),
+            (Some(u), None) => format!("{u}@"),
+            (None, None) => String::new(),
+        };
+        match &self.addr {
+            RedisAddr::Tcp { host, port } => format!("redis://{auth}{host}:{port}/{}", self.db),
+            RedisAddr::Tls { host, port, .. } => {
+                format!("rediss://{auth}{host}:{port}/{}", self.db)
+            }
+            RedisAddr::Unix { path } => format!(
+                "redis+socket://{auth}{}?virtual_host={}",
+                path.display(),
+                self.db
+            ),
+            RedisAddr::Sentinel { nodes, master } => {
+                let list: Vec<String> = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (h, p))| {
+                        if i == 0 {
+                            format!("sentinel://{auth}{h}:{p}/{}", self.db)
+                        } else {
+                            format!("sentinel://{h}:{p}")
+                        }
+                    })
+                    .collect();
+                match master {
+                    Some(m) => format!("{} (master {m})", list.join(";")),
+                    None => list.join(";"),
+                }
+            }
+        }
+    }
+
+    /// Whether this target needs `sentinelMaster`.
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.addr, RedisAddr::Sentinel { .. })
+    }
+}
+
+fn parse_db(text: &str) -> Option<i64> {
+    let t = text.trim().trim_start_matches('/');
+    if t.is_empty() {
+        return Some(0);
+    }
+    t.parse::<u16>().ok().map(i64::from)
+}
+
+fn parse_tls<'a>(
+    q: impl Fn(&str) -> Option<&'a str>,
+    bad: &dyn Fn(&str) -> Error,
+) -> Result<TlsSettings> {
+    let verify = match q("ssl_cert_reqs").map(str::to_ascii_lowercase).as_deref() {
+        None | Some("required" | "cert_required" | "optional" | "cert_optional") => true,
+        Some("none" | "cert_none") => false,
+        Some(other) => {
+            return Err(bad(&format!(
+                "ssl_cert_reqs must be required, optional or none, not `{other}`"
+            )))
+        }
+    };
+    let client_cert = match (q("ssl_certfile"), q("ssl_keyfile")) {
+        (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+        (None, None) => None,
+        _ => return Err(bad("ssl_certfile and ssl_keyfile must be given together")),
+    };
+    Ok(TlsSettings {
+        verify,
+        ca_certs: q("ssl_ca_certs").map(PathBuf::from),
+        client_cert,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> RedisTarget {
+        RedisTarget::parse("brokerUrl", url).unwrap()
+    }
+
+    #[test]
+    fn plain_urls() {
+        let t = parse("redis://");
+        assert_eq!(
+            t.addr,
+            RedisAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 6379
+            }
+        );
+        assert_eq!(t.db, 0);
+        let t = parse("redis://user:p%40ss@cache.svc:6380/3");
+        assert_eq!(t.username.as_deref(), Some("user"));
+        assert_eq!(t.password.as_ref().map(Secret::expose), Some("p@ss"));
+        assert_eq!(t.db, 3);
+        assert_eq!(t.redacted(), "redis://user:***@cache.svc:6380/3");
+        let t = parse("redis://:pw@h/");
+        assert_eq!((t.username, t.db), (None, 0));
+    }
+
+    #[test]
+    fn tls_urls_follow_celery_query_parameters() {
+        let t = parse("rediss://h:6380/1?ssl_cert_reqs=CERT_NONE");
+        match t.addr {
+            RedisAddr::Tls { tls, .. } => assert!(!tls.verify),
+            other => panic!("{other:?}"),
+        }
+        let t = parse("rediss://h/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem");
+        match t.addr {
+            RedisAddr::Tls { tls, port, .. } => {
+                assert!(tls.verify);
+                assert_eq!(port, 6379);
+                assert_eq!(tls.ca_certs, Some(PathBuf::from("/etc/ca.pem")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(RedisTarget::parse("brokerUrl", "rediss://h/0?ssl_cert_reqs=maybe").is_err());
+        assert!(RedisTarget::parse("brokerUrl", "rediss://h/0?ssl_certfile=/a").is_err());
+    }
+
+    #[test]
+    fn socket_urls() {
+        let t = parse("redis+socket:///run/redis/redis.sock?virtual_host=2");
+        assert_eq!(
+            t.addr,
+            RedisAddr::Unix {
+                path: "/run/redis/redis.sock".into()
+            }
+        );
+        assert_eq!(t.db, 2);
+        assert!(RedisTarget::parse("brokerUrl", "redis+socket://").is_err());
+    }
+
+    #[test]
+    fn sentinel_urls() {
+        let t = parse("sentinel://:pw@s1:26379/1;sentinel://s2;sentinel://s3:26380");
+        assert_eq!(
+            t.addr,
+            RedisAddr::Sentinel {
+                nodes: vec![
+                    ("s1".into(), 26379),
+                    ("s2".into(), 26379),
+                    ("s3".into(), 26380)
+                ],
+                master: None
+            }
+        );
+        assert_eq!(t.db, 1);
+        assert!(t.is_sentinel());
+        assert!(RedisTarget::parse("brokerUrl", "sentinel://s1;redis://s2").is_err());
+        assert!(RedisTarget::parse("brokerUrl", "redis://a;redis://b").is_err());
+    }
+
+    #[test]
+    fn bad_db_names_the_key_without_the_password() {
+        let err = RedisTarget::parse("brokerUrlFromEnv", "redis://:topsecret@h/abc").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("brokerUrlFromEnv"), "{text}");
+        assert!(text.contains("database"), "{text}");
+        assert!(!text.contains("topsecret"), "{text}");
+    }
+}

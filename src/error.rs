@@ -1,0 +1,109 @@
+//! The semantic error type of the scaler and its one mapping to gRPC status codes.
+//!
+//! Variants say what went wrong for the caller (bad metadata, broker unreachable, ...), not which
+//! backend produced it: each backend converts its own errors into these. Every message is built
+//! from already-redacted text, so it can be logged, returned and counted as it is.
+
+use tonic::{Code, Status};
+
+/// What can go wrong while answering an RPC.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The trigger metadata is missing a key or holds a bad value. `key` names the metadata key.
+    #[error("metadata key `{key}`: {message}")]
+    InvalidMetadata { key: String, message: String },
+    /// A queue the trigger names does not exist on the broker (RabbitMQ, SQS).
+    #[error("{0}")]
+    NotFound(String),
+    /// The broker could not be reached or dropped the connection.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The broker did not answer within the deadline.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The broker refused the credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credentials are valid but lack a permission the scaler needs.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The broker answered something the scaler cannot interpret.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Builds an [`Error::InvalidMetadata`] for `key`.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidMetadata {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A bounded label for metrics and logs: never the message text.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidMetadata { .. } => "invalid_metadata",
+            Error::NotFound(_) => "not_found",
+            Error::Unavailable(_) => "unavailable",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::PermissionDenied(_) => "permission_denied",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The gRPC code this error is returned with.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidMetadata { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// The one place where scaler errors become gRPC statuses.
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_metadata_names_the_key_and_maps_to_invalid_argument() {
+        let status = Status::from(Error::invalid("queueLength", "must be > 0, got \"-1\""));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "metadata key `queueLength`: must be > 0, got \"-1\""
+        );
+    }
+
+    #[test]
+    fn each_variant_has_its_own_code() {
+        let cases = [
+            (Error::NotFound("q".into()), Code::NotFound),
+            (Error::Unavailable("x".into()), Code::Unavailable),
+            (Error::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
+            (Error::Unauthenticated("x".into()), Code::Unauthenticated),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied),
+            (Error::Internal("x".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            assert_eq!(Status::from(err).code(), code);
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! Trigger metadata (the user-facing contract of DESIGN.md section 3): parsed from KEDA's string
+//! map into a validated [`Trigger`], with errors that name the key.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::broker::redis::{unescape, RedisAddr, RedisLayout, DEFAULT_PRIORITY_STEPS};
+use crate::broker::{BrokerTarget, DepthQuery, Layout};
+use crate::error::{Error, Result};
+use crate::secret::redact_urls;
+
+/// Every metadata key this scaler reads (others, like KEDA's `scalerAddress`, are ignored).
+pub const KEYS: &[&str] = &[
+    "brokerUrl",
+    "brokerUrlFromEnv",
+    "broker",
+    "queues",
+    "queueLength",
+    "activationQueueLength",
+    "scaleOnInFlight",
+    "scaleOnRunning",
+    "metricName",
+    "globalKeyprefix",
+    "prioritySteps",
+    "separator",
+    "sentinelMaster",
+    "managementUrl",
+    "vhost",
+    "queueNamePrefix",
+    "awsRegion",
+    "awsEndpoint",
+];
+
+/// Default `queueLength`: target tasks per replica.
+pub const DEFAULT_QUEUE_LENGTH: f64 = 5.0;
+/// Longest metric name KEDA and Kubernetes handle comfortably.
+pub const MAX_METRIC_NAME: usize = 63;
+
+/// Brokers configured in the scaler's own environment, so ScaledObjects need no secrets.
+#[derive(Clone, Default)]
+pub struct BrokerEnv {
+    /// `CELERY_KEDA_BROKER_<NAME>=<url>`, keyed by the normalised name (lowercase, `_` as `-`).
+    pub named: BTreeMap<String, BrokerTarget>,
+    /// `CELERY_BROKER_URL`: used when a trigger names no broker at all.
+    pub default: Option<BrokerTarget>,
+}
+
+/// Environment variable prefix of named brokers.
+pub const NAMED_BROKER_PREFIX: &str = "CELERY_KEDA_BROKER_";
+/// The environment variable of the default broker (the one Celery users already set).
+pub const DEFAULT_BROKER_VAR: &str = "CELERY_BROKER_URL";
+
+impl BrokerEnv {
+    /// Reads named brokers and the default broker from environment variables, validating each
+    /// URL. An error names the variable (never its value's password).
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let mut env = BrokerEnv::default();
+        for (name, value) in vars {
+            if let Some(suffix) = name.strip_prefix(NAMED_BROKER_PREFIX) {
+                if suffix.is_empty() {
+                    continue;
+                }
+                env.named
+                    .insert(normalise_name(suffix), BrokerTarget::parse(&name, &value)?);
+            } else if name == DEFAULT_BROKER_VAR && !value.trim().is_empty() {
+                env.default = Some(BrokerTarget::parse(&name, &value)?);
+            }
+        }
+        Ok(env)
+    }
+}
+
+/// Broker names are matched case-insensitively, with `-` and `_` equal.
+pub fn normalise_name(name: &str) -> String {
+    name.trim().to_ascii_lowercase().replace('_', "-")
+}
+
+/// A validated trigger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trigger {
+    /// What to read and how; equal queries share readings.
+    pub query: DepthQuery,
+    /// Which metadata key (or environment variable) the broker came from.
+    pub broker_source: String,
+    /// `queueLength`: target tasks per replica.
+    pub queue_length: f64,
+    /// `activationQueueLength`: active when depth is strictly greater.
+    pub activation_queue_length: f64,
+    /// The metric name returned by `GetMetricSpec`.
+    pub metric_name: String,
+}
+
+impl Trigger {
+    /// Whether `depth` makes the scale target active (0 -> 1).
+    pub fn is_active(&self, depth: u64) -> bool {
+        depth as f64 > self.activation_queue_length
+    }
+}
+
+/// Parses trigger metadata. `env` supplies named and default brokers.
+pub fn parse(meta: &HashMap<String, String>, env: &BrokerEnv) -> Result<Trigger> {
+    let get = |key: &str| meta.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+
+    let (broker_source, target) = if let Some(url) = get("brokerUrl") {
+        (
+            "brokerUrl".to_string(),
+            BrokerTarget::parse("brokerUrl", url)?,
+        )
+    } else if let Some(url) = get("brokerUrlFromEnv") {
+        (
+            "brokerUrlFromEnv".to_string(),
+            BrokerTarget::parse("brokerUrlFromEnv", url)?,
+        )
+    } else if let Some(name) = get("broker") {
+        let target = env.named.get(&normalise_name(name)).cloned().ok_or_else(|| {
+            let known: Vec<&str> = env.named.keys().map(String::as_str).collect();
+            Error::invalid(
+                "broker",
+                format!(
+                    "no broker named `{name}` is configured in the scaler's environment (set {NAMED_BROKER_PREFIX}{}); configured: {}",
+                    name.trim().to_ascii_uppercase().replace('-', "_"),
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ),
+            )
+        })?;
+        ("broker".to_string(), target)
+    } else if let Some(target) = &env.default {
+        (DEFAULT_BROKER_VAR.to_string(), target.clone())
+    } else {
+        let mut message = format!(
+            "no broker given: set one of brokerUrl, brokerUrlFromEnv (e.g. brokerUrlFromEnv: CELERY_BROKER_URL) or broker (a name from the scaler's {NAMED_BROKER_PREFIX}<NAME> variables), or give the scaler a default broker in {DEFAULT_BROKER_VAR}"
+        );
+        if meta.contains_key("brokerUrlFromEnv") {
+            message.push_str("; brokerUrlFromEnv is empty: KEDA could not resolve the variable in the scale target's container");
+        }
+        message.push_str(&suggestions(meta));
+        return Err(Error::invalid("brokerUrl", message));
+    };
+
+    let queues = parse_queues(meta.get("queues").map(String::as_str))?;
+    let queue_length = match get("queueLength") {
+        None => DEFAULT_QUEUE_LENGTH,
+        Some(v) => parse_number("queueLength", v, false)?,
+    };
+    let activation_queue_length = match get("activationQueueLength") {
+        None => 0.0,
+        Some(v) => parse_number("activationQueueLength", v, true)?,
+    };
+    let in_flight = parse_bool(meta, "scaleOnInFlight", true)?;
+    let running = parse_bool(meta, "scaleOnRunning", true)?;
+    let metric_name = match get("metricName") {
+        Some(name) => validate_metric_name(name)?,
+        None => derive_metric_name(&queues),
+    };
+
+    let (target, layout) = match target {
+        BrokerTarget::Redis(mut t) => {
+            if let RedisAddr::Sentinel { master, .. } = &mut t.addr {
+                let name = get("sentinelMaster").ok_or_else(|| {
+                    Error::invalid(
+                        "sentinelMaster",
+                        "is required with a sentinel:// broker URL: the name Sentinel monitors the master under (kombu's master_name)",
+                    )
+                })?;
+                *master = Some(name.to_string());
+            }
+            (
+                BrokerTarget::Redis(t),
+                Layout::Redis(parse_redis_layout(meta)?),
+            )
+        }
+    };
+
+    Ok(Trigger {
+        query: DepthQuery {
+            target,
+            queues,
+            in_flight,
+            running,
+            layout,
+        },
+        broker_source,
+        queue_length,
+        activation_queue_length,
+        metric_name,
+    })
+}
+
+/// "Did you mean" hints for keys that look like ours but are not.
+fn suggestions(meta: &HashMap<String, String>) -> String {
+    let mut hints: Vec<String> = meta
+        .keys()
+        .filter(|k| !KEYS.contains(&k.as_str()))
+        .filter_map(|k| {
+            KEYS.iter()
+                .map(|ours| {
+                    (
+                        ours,
+                        strsim::damerau_levenshtein(&k.to_lowercase(), &ours.to_lowercase()),
+                    )
+                })
+                .filter(|(ours, d)| *d <= 2 || k.eq_ignore_ascii_case(ours))
+                .min_by_key(|(_, d)| *d)
+                .map(|(ours, _)| format!("`{k}` (did you mean `{ours}`?)"))
+        })
+        .collect();
+    hints.sort();
+    if hints.is_empty() {
+        String::new()
+    } else {
+        format!("; unrecognised keys: {}", hints.join(", "))
+    }
+}
+
+fn parse_queues(raw: Option<&str>) -> Result<Vec<String>> {
+    let Some(raw) = raw else {
+        return Ok(vec!["celery".to_string()]);
+    };
+    if raw.trim().is_empty() {
+        return Err(Error::invalid(
+            "queues",
+            "is empty: give at least one queue name, e.g. `celery`",
+        ));
+    }
+    let mut queues: Vec<String> = Vec::new();
+    for part in raw.split(',') {
+        let name = part.trim();
+        if name.is_empty() {
+            return Err(Error::invalid(
+                "queues",
+                format!("has an empty queue name in `{raw}`"),
+            ));
+        }
+        if !queues.iter().any(|q| q == name) {
+            queues.push(name.to_string());
+        }
+    }
+    Ok(queues)
+}
+
+fn parse_number(key: &str, value: &str, zero_ok: bool) -> Result<f64> {
+    let n: f64 = value
+        .parse()
+        .map_err(|_| Error::invalid(key, format!("must be a number, got `{value}`")))?;
+    if !n.is_finite() || n < 0.0 || (!zero_ok && n == 0.0) {
+        let bound = if zero_ok { ">= 0" } else { "> 0" };
+        return Err(Error::invalid(
+            key,
+            format!("must be a finite number {bound}, got `{value}`"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Booleans as KEDA (Go's strconv.ParseBool) reads them.
+fn parse_bool(meta: &HashMap<String, String>, key: &str, default: bool) -> Result<bool> {
+    match meta.get(key).map(|v| v.trim()) {
+        None | Some("") => Ok(default),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some(other) => Err(Error::invalid(
+            key,
+            format!("must be true or false, got `{other}`"),
+        )),
+    }
+}
+
+fn validate_metric_name(name: &str) -> Result<String> {
+    let ok = name.len() <= MAX_METRIC_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(Error::invalid(
+            "metricName",
+            format!("must be at most {MAX_METRIC_NAME} characters of [A-Za-z0-9._-], got `{name}`"),
+        ))
+    }
+}
+
+/// `celery-` + the queue names, lowercase `[a-z0-9-]`, stable across runs and versions, at most
+/// 63 characters; a long or lossy name ends in a CRC-32 of the exact queue list so different
+/// queue sets keep different names.
+pub fn derive_metric_name(queues: &[String]) -> String {
+    let joined = queues.join(",");
+    let mut name = String::from("celery");
+    let mut lossy = false;
+    for q in queues {
+        name.push('-');
+        for c in q.chars() {
+            let lower = c.to_ascii_lowercase();
+            if lower.is_ascii_lowercase() || lower.is_ascii_digit() {
+                lossy |= lower != c;
+                name.push(lower);
+            } else {
+                lossy = true;
+                if !name.ends_with('-') {
+                    name.push('-');
+                }
+            }
+        }
+    }
+    let name = name.trim_end_matches('-').to_string();
+    if !lossy && name.len() <= MAX_METRIC_NAME {
+        return name;
+    }
+    let hash = format!("{:08x}", crc32fast::hash(joined.as_bytes()));
+    let keep = MAX_METRIC_NAME - hash.len() - 1;
+    let head: String = name.chars().take(keep).collect();
+    format!("{}-{hash}", head.trim_end_matches('-'))
+}
+
+fn parse_redis_layout(meta: &HashMap<String, String>) -> Result<RedisLayout> {
+    let prefix = meta.get("globalKeyprefix").cloned().unwrap_or_default();
+    let priority_steps = match meta.get("prioritySteps").map(|v| v.trim()) {
+        None | Some("") => DEFAULT_PRIORITY_STEPS.to_vec(),
+        Some(raw) => {
+            let mut steps = Vec::new();
+            for part in raw.split(',') {
+                let step: u8 = part.trim().parse().map_err(|_| {
+                    Error::invalid(
+                        "prioritySteps",
+                        format!("must be comma-separated integers 0-255 (kombu priority_steps), got `{raw}`"),
+                    )
+                })?;
+                steps.push(step);
+            }
+            steps.sort_unstable();
+            steps.dedup();
+            steps
+        }
+    };
+    let separator = match meta.get("separator") {
+        None => crate::broker::redis::DEFAULT_SEPARATOR.to_string(),
+        Some(raw) => {
+            let sep = unescape(raw).ok_or_else(|| {
+                Error::invalid(
+                    "separator",
+                    format!("has a bad escape in `{}`: use \\xHH for control characters, e.g. \\x06\\x16", redact_urls(raw)),
+                )
+            })?;
+            if sep.is_empty() {
+                return Err(Error::invalid("separator", "must not be empty"));
+            }
+            sep
+        }
+    };
+    Ok(RedisLayout {
+        prefix,
+        priority_steps,
+        separator,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn key_of(err: Error) -> String {
+        match err {
+            Error::InvalidMetadata { key, .. } => key,
+            other => panic!("expected InvalidMetadata, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let t = parse(
+            &meta(&[("brokerUrl", "redis://h:6379/0")]),
+            &BrokerEnv::default(),
+        )
+        .unwrap();
+        assert_eq!(t.query.queues, ["celery"]);
+        assert_eq!(t.queue_length, 5.0);
+        assert_eq!(t.activation_queue_length, 0.0);
+        assert!(t.query.in_flight && t.query.running);
+        assert_eq!(t.metric_name, "celery-celery");
+        assert_eq!(t.broker_source, "brokerUrl");
+        assert_eq!(t.query.layout, Layout::Redis(RedisLayout::default()));
+    }
+
+    #[test]
+    fn broker_source_order() {
+        let env = BrokerEnv::from_vars([
+            (
+                "CELERY_KEDA_BROKER_ORDERS_REDIS".to_string(),
+                "redis://named:6379/1".to_string(),
+            ),
+            (
+                "CELERY_BROKER_URL".to_string(),
+                "redis://default:6379/2".to_string(),
+            ),
+        ])
+        .unwrap();
+        let host = |t: &Trigger| t.query.target.redacted();
+        let all = meta(&[
+            ("brokerUrl", "redis://a/0"),
+            ("brokerUrlFromEnv", "redis://b/0"),
+            ("broker", "orders-redis"),
+        ]);
+        assert_eq!(host(&parse(&all, &env).unwrap()), "redis://a:6379/0");
+        let t = parse(
+            &meta(&[
+                ("brokerUrlFromEnv", "redis://b/0"),
+                ("broker", "orders-redis"),
+            ]),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            (host(&t), t.broker_source.as_str()),
+            ("redis://b:6379/0".into(), "brokerUrlFromEnv")
+        );
+        let t = parse(&meta(&[("broker", "Orders_Redis")]), &env).unwrap();
+        assert_eq!(host(&t), "redis://named:6379/1");
+        let t = parse(&meta(&[]), &env).unwrap();
+        assert_eq!(
+            (host(&t), t.broker_source.as_str()),
+            ("redis://default:6379/2".into(), "CELERY_BROKER_URL")
+        );
+    }
+
+    #[test]
+    fn missing_broker_lists_keys_and_suggests_misspellings() {
+        let err = parse(
+            &meta(&[("brokerURL", "redis://x"), ("scalerAddress", "s:6000")]),
+            &BrokerEnv::default(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("brokerUrlFromEnv"), "{text}");
+        assert!(
+            text.contains("`brokerURL` (did you mean `brokerUrl`?)"),
+            "{text}"
+        );
+        assert!(!text.contains("scalerAddress"), "{text}");
+        assert_eq!(key_of(err), "brokerUrl");
+    }
+
+    #[test]
+    fn unknown_named_broker_names_the_key() {
+        let err = parse(&meta(&[("broker", "nope")]), &BrokerEnv::default()).unwrap_err();
+        assert!(err.to_string().contains("CELERY_KEDA_BROKER_NOPE"), "{err}");
+        assert_eq!(key_of(err), "broker");
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        let cases = [
+            ("queueLength", "0"),
+            ("queueLength", "-1"),
+            ("queueLength", "abc"),
+            ("queueLength", "NaN"),
+            ("queueLength", "inf"),
+            ("activationQueueLength", "-0.5"),
+            ("activationQueueLength", "x"),
+            ("scaleOnInFlight", "yes"),
+            ("scaleOnRunning", "maybe"),
+            ("queues", ""),
+            ("queues", "a,,b"),
+            ("metricName", "has space"),
+            ("prioritySteps", "0,3,x"),
+            ("prioritySteps", "0,300"),
+            ("separator", "\\q"),
+            ("separator", ""),
+        ];
+        for (key, value) in cases {
+            let err = parse(
+                &meta(&[("brokerUrl", "redis://h/0"), (key, value)]),
+                &BrokerEnv::default(),
+            )
+            .expect_err(&format!("{key}={value:?} must fail"));
+            assert_eq!(key_of(err), key, "{key}={value:?}");
+        }
+    }
+
+    #[test]
+    fn bad_url_names_its_key_without_password() {
+        for key in ["brokerUrl", "brokerUrlFromEnv"] {
+            let err = parse(
+                &meta(&[(key, "redis://:s3cret@h/notadb")]),
+                &BrokerEnv::default(),
+            )
+            .unwrap_err();
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+            assert_eq!(key_of(err), key);
+        }
+    }
+
+    #[test]
+    fn sentinel_requires_master() {
+        let err = parse(
+            &meta(&[("brokerUrl", "sentinel://s1:26379")]),
+            &BrokerEnv::default(),
+        )
+        .unwrap_err();
+        assert_eq!(key_of(err), "sentinelMaster");
+        let t = parse(
+            &meta(&[
+                ("brokerUrl", "sentinel://s1:26379"),
+                ("sentinelMaster", "mymaster"),
+            ]),
+            &BrokerEnv::default(),
+        )
+        .unwrap();
+        assert!(t.query.target.redacted().contains("master mymaster"));
+    }
+
+    #[test]
+    fn values_parse() {
+        let t = parse(
+            &meta(&[
+                ("brokerUrl", "redis://h/0"),
+                ("queues", " orders , emails,orders "),
+                ("queueLength", "2.5"),
+                ("activationQueueLength", "3"),
+                ("scaleOnInFlight", "false"),
+                ("scaleOnRunning", "0"),
+                ("globalKeyprefix", "app:"),
+                ("prioritySteps", "9, 0,5"),
+                ("separator", ":"),
+            ]),
+            &BrokerEnv::default(),
+        )
+        .unwrap();
+        assert_eq!(t.query.queues, ["orders", "emails"]);
+        assert_eq!(t.queue_length, 2.5);
+        assert!(!t.is_active(3) && t.is_active(4));
+        assert!(!t.query.in_flight && !t.query.running);
+        assert_eq!(
+            t.query.layout,
+            Layout::Redis(RedisLayout {
+                prefix: "app:".into(),
+                priority_steps: vec![0, 5, 9],
+                separator: ":".into()
+            })
+        );
+    }
+
+    #[test]
+    fn derived_metric_names() {
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(derive_metric_name(&q(&["celery"])), "celery-celery");
+        assert_eq!(
+            derive_metric_name(&q(&["orders", "emails2"])),
+            "celery-orders-emails2"
+        );
+        let a = derive_metric_name(&q(&["orders.high"]));
+        let b = derive_metric_name(&q(&["orders_high"]));
+        assert_ne!(a, b);
+        assert!(a.starts_with("celery-orders-high-"), "{a}");
+        let long = derive_metric_name(&q(&[&"x".repeat(200)]));
+        assert!(long.len() <= MAX_METRIC_NAME, "{long}");
+        assert_eq!(long, derive_metric_name(&q(&[&"x".repeat(200)])));
+        for name in [a, b, long] {
+            assert!(name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        }
+    }
+
+    #[test]
+    fn bad_env_broker_names_the_variable() {
+        let err = BrokerEnv::from_vars([(
+            "CELERY_KEDA_BROKER_X".to_string(),
+            "redis://:pw@h/zz".to_string(),
+        )])
+        .err()
+        .unwrap();
+        assert_eq!(key_of(err), "CELERY_KEDA_BROKER_X");
+    }
+}

@@ -1,0 +1,107 @@
+//! Secret strings and URL redaction: the only ways a credential may be printed are `***`.
+
+use std::fmt;
+
+/// A credential. `Debug` and `Display` print `***`; the value is reachable only through
+/// [`Secret::expose`], so a stray `{:?}` cannot leak it into a log line or an error.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The credential itself, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Replaces the password of every `scheme://user:password@host` in `text` with `***`.
+///
+/// Works on text that is not a valid URL (a half-typed broker URL, several `;`-joined sentinel
+/// URLs, an error message quoting a URL), which is why it scans instead of parsing.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        let (head, tail) = rest.split_at(pos + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#', whitespace, ';' or quote.
+        let end = tail
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | ';' | '"' | '\'' | '`') || c.is_whitespace()
+            })
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    // A lone user part may be an SQS access key secret pair split differently;
+                    // a user name alone is not a secret.
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "*** ***");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(
+            redact_urls("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_urls("redis://:p%40ss@h/1"), "redis://:***@h/1");
+        assert_eq!(
+            redact_urls("sentinel://:pw@a:26379;sentinel://:pw@b:26379"),
+            "sentinel://:***@a:26379;sentinel://:***@b:26379"
+        );
+        assert_eq!(
+            redact_urls("bad url \"amqp://guest:guest@x\" here"),
+            "bad url \"amqp://guest:***@x\" here"
+        );
+        assert_eq!(redact_urls("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_urls("no url"), "no url");
+    }
+
+    #[test]
+    fn redacts_passwords_containing_at_signs() {
+        assert_eq!(redact_urls("redis://:a@b@host/0"), "redis://:***@host/0");
+    }
+}
