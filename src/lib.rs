@@ -2,14 +2,31 @@
 //!
 //! # Layout
 //!
-//! - [`error`]: the semantic error type and its one mapping to gRPC codes.
-//! - [`secret`]: credential wrapper and URL redaction.
+//! - [`proto`]: code generated from `proto/externalscaler.proto`.
+//! - [`metadata`]: trigger metadata (the user-facing contract) into a validated `Trigger`.
 //! - [`broker`]: the `Broker` trait, depth types, the per-broker client registry, and one folder
 //!   per backend (`broker::redis`).
+//! - [`scaler`]: the core: metadata to trigger, depth reading within the deadline.
+//! - [`hub`]: shared background polls behind `StreamIsActive`.
+//! - [`grpc`]: the `ExternalScaler` service over the core and the hub.
+//! - [`server`]: `serve`, wiring gRPC (with health and reflection) and the admin port, with
+//!   shutdown passed in as a future.
+//! - [`admin`], [`metrics`], [`telemetry`]: the admin HTTP port, Prometheus metrics, logging.
+//! - [`probe`]: the `probe` command's reading and rendering.
+//! - [`error`]: the semantic error type and its one mapping to gRPC codes.
+//! - [`secret`]: credential wrapper and URL redaction.
+pub mod admin;
 pub mod broker;
 pub mod error;
+pub mod grpc;
+pub mod hub;
 pub mod metadata;
+pub mod metrics;
+pub mod probe;
+pub mod scaler;
 pub mod secret;
+pub mod server;
+pub mod telemetry;
 
 /// Code generated from `proto/externalscaler.proto`.
 pub mod proto {
@@ -18,4 +35,10 @@ pub mod proto {
     /// The encoded descriptor set, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/externalscaler_descriptor.bin"));
+}
+
+/// Installs rustls' ring provider as the process default, once, before any TLS is used
+/// (tonic and redis both use rustls; neither may pick a provider on its own).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -1,1 +1,231 @@
-fn main() {}
+//! The `celery-keda-scaler` binary: command-line parsing, then `serve` or `probe` from the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::metrics::Metrics;
+use celery_keda_scaler::scaler::{Core, CoreSettings};
+use celery_keda_scaler::server::{serve, ServeSettings};
+use celery_keda_scaler::telemetry::{self, LogFormat};
+use celery_keda_scaler::{install_crypto_provider, probe};
+
+/// KEDA external scaler for Celery: exact queue depth from Redis.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the KEDA ExternalScaler gRPC API (the default).
+    Serve(ServeArgs),
+    /// Print one depth reading with its breakdown, for the same keys as trigger metadata.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Log format.
+    #[arg(
+        long,
+        env = "CELERY_KEDA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    /// Upper bound on one broker reading (connection included).
+    #[arg(long, env = "CELERY_KEDA_DEADLINE", value_parser = parse_duration, default_value = "2500ms")]
+    deadline: Duration,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// gRPC listen address (KEDA's scalerAddress points here).
+    #[arg(long, env = "CELERY_KEDA_LISTEN", default_value = "0.0.0.0:6000")]
+    listen: SocketAddr,
+    /// Admin HTTP listen address: /metrics, /healthz, /readyz.
+    #[arg(long, env = "CELERY_KEDA_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
+    /// How often a shared StreamIsActive poll reads its queues.
+    #[arg(long, env = "CELERY_KEDA_STREAM_POLL_INTERVAL", value_parser = parse_duration, default_value = "200ms")]
+    stream_poll_interval: Duration,
+    /// How long in-flight RPCs may take to finish after SIGTERM.
+    #[arg(long, env = "CELERY_KEDA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
+    shutdown_grace: Duration,
+    /// HTTP/2 concurrent streams per connection (KEDA multiplexes every trigger on one).
+    #[arg(
+        long,
+        env = "CELERY_KEDA_MAX_CONCURRENT_STREAMS",
+        default_value_t = 16_384
+    )]
+    max_concurrent_streams: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// Trigger metadata as key=value or --key value, e.g. brokerUrl=redis://host:6379/0 queues=celery
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    metadata: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}`: {e} (use e.g. 2500ms or 2.5s)"))?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ServeArgs::parse_from_env()));
+    install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Brokers from the scaler's own environment are validated before anything binds.
+    let env = match BrokerEnv::from_vars(std::env::vars()) {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("error: invalid broker configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Serve(args) => runtime.block_on(run_serve(args, env)),
+        Command::Probe(args) => runtime.block_on(run_probe(args, env)),
+    }
+}
+
+impl ServeArgs {
+    fn parse_from_env() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Only::parse_from(["celery-keda-scaler"]).serve
+    }
+}
+
+async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
+    telemetry::init(args.common.log_format, "info");
+    let grpc = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {} (--listen): {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match tokio::net::TcpListener::bind(args.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "error: cannot listen on {} (--admin-listen): {e}",
+                args.admin_listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        listen = %args.listen,
+        admin_listen = %args.admin_listen,
+        named_brokers = env.named.len(),
+        default_broker = env.default.is_some(),
+        "Configuration valid"
+    );
+    let settings = ServeSettings {
+        deadline: args.common.deadline,
+        stream_poll_interval: args.stream_poll_interval,
+        shutdown_grace: args.shutdown_grace,
+        max_concurrent_streams: args.max_concurrent_streams,
+    };
+    match serve(grpc, Some(admin), env, settings, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("Stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run_probe(args: ProbeArgs, env: BrokerEnv) -> ExitCode {
+    // The error is printed below; logs only when asked for with RUST_LOG.
+    telemetry::init(args.common.log_format, "off");
+    let meta = match probe::parse_args(&args.metadata) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let core = Core::new(
+        env,
+        CoreSettings {
+            deadline: args.common.deadline,
+        },
+        Arc::new(Metrics::new()),
+    );
+    match probe::run(&core, &meta).await {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let status = tonic::Status::from(e.clone());
+            eprintln!("error: {:?}: {}", status.code(), status.message());
+            if matches!(e, celery_keda_scaler::error::Error::InvalidMetadata { .. }) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

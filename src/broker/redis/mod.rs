@@ -30,7 +30,7 @@ enum Source {
     /// A Sentinel-managed master: resolved on first use and again after a connection error,
     /// so a failover moves the scaler to the new master.
     Sentinel {
-        sentinel: Mutex<SentinelClient>,
+        sentinel: Box<Mutex<SentinelClient>>,
         current: Mutex<Option<ConnectionManager>>,
     },
 }
@@ -84,7 +84,7 @@ impl RedisBroker {
                     builder = builder.set_client_to_redis_password(pw.expose());
                 }
                 Source::Sentinel {
-                    sentinel: Mutex::new(builder.build().map_err(fail)?),
+                    sentinel: Box::new(Mutex::new(builder.build().map_err(fail)?)),
                     current: Mutex::new(None),
                 }
             }
@@ -221,23 +221,21 @@ fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Erro
     match err.code() {
         Some("WRONGPASS" | "NOAUTH") => return Error::Unauthenticated(msg),
         Some("NOPERM") => return Error::PermissionDenied(msg),
+        Some("LOADING" | "MASTERDOWN" | "TRYAGAIN") => return Error::Unavailable(msg),
         _ => {}
     }
-    if err.is_timeout() {
-        Error::DeadlineExceeded(msg)
-    } else if err.is_io_error()
-        || err.is_connection_refusal()
-        || err.is_connection_dropped()
-        || matches!(
-            err.kind(),
-            redis::ErrorKind::Io | redis::ErrorKind::InvalidClientConfig
-        )
-    {
-        Error::Unavailable(msg)
-    } else if err.code() == Some("LOADING") || err.code() == Some("MASTERDOWN") {
-        Error::Unavailable(msg)
-    } else {
-        Error::Internal(msg)
+    match err.kind() {
+        redis::ErrorKind::AuthenticationFailed => Error::Unauthenticated(msg),
+        _ if err.is_timeout() => Error::DeadlineExceeded(msg),
+        redis::ErrorKind::Io
+        | redis::ErrorKind::InvalidClientConfig
+        | redis::ErrorKind::MasterNameNotFoundBySentinel
+        | redis::ErrorKind::NoValidReplicasFoundBySentinel
+        | redis::ErrorKind::EmptySentinelList => Error::Unavailable(msg),
+        _ if err.is_io_error() || err.is_connection_refusal() || err.is_connection_dropped() => {
+            Error::Unavailable(msg)
+        }
+        _ => Error::Internal(msg),
     }
 }
 

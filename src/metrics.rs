@@ -1,0 +1,206 @@
+//! Prometheus metrics served on the admin port. Every label value is bounded: RPC method names,
+//! gRPC codes, broker kinds, error kinds, and the queue names of configured triggers.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::broker::Depth;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabels {
+    broker: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerErrorLabels {
+    broker: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    broker: &'static str,
+    queue: String,
+    state: &'static str,
+}
+
+/// The scaler's metrics and the registry that encodes them.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    rpcs: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<MethodLabels, Histogram>,
+    broker_seconds: Family<BrokerLabels, Histogram>,
+    broker_errors: Family<BrokerErrorLabels, Counter>,
+    queue_depth: Family<QueueLabels, Gauge>,
+    streams: Gauge,
+    polls: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~6.5 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("celery_keda");
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        let rpc_seconds =
+            Family::<MethodLabels, Histogram>::new_with_constructor(latency_histogram);
+        let broker_seconds =
+            Family::<BrokerLabels, Histogram>::new_with_constructor(latency_histogram);
+        let broker_errors = Family::<BrokerErrorLabels, Counter>::default();
+        let queue_depth = Family::<QueueLabels, Gauge>::default();
+        let streams = Gauge::default();
+        let polls = Gauge::default();
+        registry.register(
+            "rpc",
+            "gRPC requests answered, by method and status code",
+            rpcs.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer a gRPC request, by method",
+            rpc_seconds.clone(),
+        );
+        registry.register(
+            "broker_read_duration_seconds",
+            "Time of one depth reading from a broker, by broker kind",
+            broker_seconds.clone(),
+        );
+        registry.register(
+            "broker_errors",
+            "Failed depth readings, by broker kind and error kind",
+            broker_errors.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Last depth read per queue and state (ready, in_flight, running)",
+            queue_depth.clone(),
+        );
+        registry.register("streams", "Open StreamIsActive streams", streams.clone());
+        registry.register(
+            "shared_polls",
+            "Background polls shared by StreamIsActive streams (one per distinct query)",
+            polls.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            rpcs,
+            rpc_seconds,
+            broker_seconds,
+            broker_errors,
+            queue_depth,
+            streams,
+            polls,
+        }
+    }
+
+    /// Counts one answered RPC.
+    pub fn rpc(&self, method: &'static str, code: tonic::Code, seconds: f64) {
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_label(code),
+            })
+            .inc();
+        self.rpc_seconds
+            .get_or_create(&MethodLabels { method })
+            .observe(seconds);
+    }
+
+    /// Records one successful broker reading and the per-queue gauges.
+    pub fn reading(&self, broker: &'static str, seconds: f64, depth: &Depth) {
+        self.broker_seconds
+            .get_or_create(&BrokerLabels { broker })
+            .observe(seconds);
+        for q in &depth.queues {
+            for (state, value) in [
+                ("ready", q.ready_total()),
+                ("in_flight", q.in_flight),
+                ("running", q.running),
+            ] {
+                self.queue_depth
+                    .get_or_create(&QueueLabels {
+                        broker,
+                        queue: q.queue.clone(),
+                        state,
+                    })
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Counts one failed broker reading.
+    pub fn broker_error(&self, broker: &'static str, kind: &'static str) {
+        self.broker_errors
+            .get_or_create(&BrokerErrorLabels { broker, kind })
+            .inc();
+    }
+
+    /// Open streams gauge.
+    pub fn streams(&self) -> &Gauge {
+        &self.streams
+    }
+
+    /// Shared polls gauge.
+    pub fn polls(&self) -> &Gauge {
+        &self.polls
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

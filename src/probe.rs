@@ -1,0 +1,127 @@
+//! `probe`: one depth reading with its breakdown, for a person debugging a ScaledObject.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use crate::error::Error;
+use crate::scaler::Core;
+
+/// Turns `key=value`, `--key=value` and `--key value` arguments into a metadata map.
+pub fn parse_args(args: &[String]) -> Result<HashMap<String, String>, String> {
+    let mut meta = HashMap::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let arg = arg.as_str();
+        let (key, value) = if let Some(flag) = arg.strip_prefix("--") {
+            match flag.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => {
+                    let v = iter
+                        .next()
+                        .ok_or_else(|| format!("--{flag} needs a value"))?;
+                    (flag.to_string(), v.clone())
+                }
+            }
+        } else if let Some((k, v)) = arg.split_once('=') {
+            (k.to_string(), v.to_string())
+        } else {
+            return Err(format!(
+                "`{arg}` is neither key=value nor --key value (keys are the trigger metadata keys, e.g. brokerUrl=redis://... queues=celery)"
+            ));
+        };
+        meta.insert(key, value);
+    }
+    Ok(meta)
+}
+
+/// Runs one reading and renders it. `Err` carries the text the RPC would return as its status.
+pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, Error> {
+    let trigger = core.trigger(meta)?;
+    let depth = core.read(&trigger.query).await?;
+    let q = &trigger.query;
+    let mut out = String::new();
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    let _ = writeln!(
+        out,
+        "broker       {} (from {})",
+        q.target.redacted(),
+        trigger.broker_source
+    );
+    let _ = writeln!(
+        out,
+        "metric       {} (queueLength {}, active when depth > {})",
+        trigger.metric_name, trigger.queue_length, trigger.activation_queue_length
+    );
+    let _ = writeln!(
+        out,
+        "counting     ready, in flight {} (scaleOnInFlight), running {} (scaleOnRunning{})",
+        on_off(q.in_flight),
+        on_off(q.running),
+        if q.running {
+            ": not counted by this version"
+        } else {
+            ""
+        }
+    );
+    for queue in &depth.queues {
+        let _ = writeln!(out, "queue {}: {}", queue.queue, queue.total());
+        for part in &queue.ready {
+            let pri = part
+                .priority
+                .map(|p| format!("priority {p}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  ready      {:>8}  {}  {}",
+                part.count, part.source, pri
+            );
+        }
+        if q.in_flight {
+            let _ = writeln!(
+                out,
+                "  in flight  {:>8}  reserved, ETA/countdown, or acks_late running",
+                queue.in_flight
+            );
+        }
+        if q.running && queue.running > 0 {
+            let _ = writeln!(
+                out,
+                "  running    {:>8}  running, already acknowledged",
+                queue.running
+            );
+        }
+    }
+    let total = depth.total();
+    let _ = writeln!(out, "depth        {total}");
+    let _ = writeln!(out, "active       {}", trigger.is_active(total));
+    let replicas = (total as f64 / trigger.queue_length).ceil();
+    let _ = writeln!(
+        out,
+        "replicas     {replicas} (HPA: ceil(depth / queueLength))"
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_in_all_three_spellings() {
+        let args: Vec<String> = [
+            "brokerUrl=redis://h/0",
+            "--queues",
+            "a,b",
+            "--queueLength=2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let meta = parse_args(&args).unwrap();
+        assert_eq!(meta["brokerUrl"], "redis://h/0");
+        assert_eq!(meta["queues"], "a,b");
+        assert_eq!(meta["queueLength"], "2");
+        assert!(parse_args(&["oops".to_string()]).is_err());
+        assert!(parse_args(&["--queues".to_string()]).is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! `serve`: wires the gRPC service (with health and reflection) and the admin port onto
+//! listeners, and shuts both down gracefully when the shutdown future resolves.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::admin::{self, AdminState};
+use crate::grpc::Service;
+use crate::hub::Hub;
+use crate::metadata::BrokerEnv;
+use crate::metrics::Metrics;
+use crate::proto::external_scaler_server::ExternalScalerServer;
+use crate::scaler::{Core, CoreSettings};
+
+/// Everything `serve` needs, validated before anything binds.
+#[derive(Clone, Debug)]
+pub struct ServeSettings {
+    /// Upper bound on one depth reading.
+    pub deadline: Duration,
+    /// How often a shared stream poll reads its queues.
+    pub stream_poll_interval: Duration,
+    /// How long in-flight RPCs may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// HTTP/2 concurrent streams per connection: KEDA multiplexes every trigger on one.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        ServeSettings {
+            deadline: Duration::from_millis(2500),
+            stream_poll_interval: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(10),
+            max_concurrent_streams: 16_384,
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin server failed: {0}")]
+    Admin(#[from] std::io::Error),
+    #[error("reflection service could not be built: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves gRPC on `grpc` and the admin port on `admin` (if any) until `shutdown` resolves; then
+/// reports NOT_SERVING, ends open streams with status OK, and lets in-flight RPCs finish
+/// within the grace period.
+pub async fn serve(
+    grpc: TcpListener,
+    admin: Option<TcpListener>,
+    env: BrokerEnv,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let core = Arc::new(Core::new(
+        env,
+        CoreSettings {
+            deadline: settings.deadline,
+        },
+        metrics.clone(),
+    ));
+    let token = CancellationToken::new();
+    let hub = Hub::new(core.clone(), settings.stream_poll_interval, token.clone());
+    let service = Service::new(core, hub, token.clone());
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExternalScalerServer<Service>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let admin_state = Arc::new(AdminState {
+        metrics,
+        ready: AtomicBool::new(true),
+    });
+
+    // One shutdown sequence for everything.
+    let begin = {
+        let token = token.clone();
+        let admin_state = admin_state.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("Shutting down");
+            admin_state.ready.store(false, Ordering::Relaxed);
+            health_reporter
+                .set_not_serving::<ExternalScalerServer<Service>>()
+                .await;
+            token.cancel();
+        }
+    };
+
+    let admin_task = admin.map(|listener| {
+        let token = token.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, admin::router(admin_state))
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+        })
+    });
+
+    let addr = grpc.local_addr().ok();
+    tracing::info!(listen = ?addr, "Serving gRPC");
+    let server = Server::builder()
+        .max_concurrent_streams(Some(settings.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ExternalScalerServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), begin);
+
+    let grace = settings.shutdown_grace;
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "Grace period over, closing remaining connections");
+            Ok(())
+        }
+    };
+    if let Some(task) = admin_task {
+        if let Ok(Ok(r)) = tokio::time::timeout(grace, task).await {
+            r?;
+        }
+    }
+    result
+}
