@@ -211,14 +211,24 @@ fn build_client(
 /// Converts a client error into the scaler's error, naming the broker by its redacted URL and
 /// scrubbing the password from the library's text in case it quotes it.
 fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Error {
-    let mut text = redact_urls(&err.to_string());
+    // A pipeline reports one server error per command: the first one says it all.
+    let first = err.clone().into_server_errors().and_then(|errors| {
+        errors
+            .first()
+            .map(|(_, e)| (e.code().to_string(), e.to_string()))
+    });
+    let code = first.as_ref().map(|(c, _)| c.as_str()).or(err.code());
+    let raw = first
+        .as_ref()
+        .map_or_else(|| err.to_string(), |(_, t)| t.clone());
+    let mut text = redact_urls(&raw);
     if let Some(pw) = &target.password {
         if !pw.expose().is_empty() {
             text = text.replace(pw.expose(), "***");
         }
     }
     let msg = format!("Redis broker {redacted}: {text}");
-    match err.code() {
+    match code {
         Some("WRONGPASS" | "NOAUTH") => return Error::Unauthenticated(msg),
         Some("NOPERM") => return Error::PermissionDenied(msg),
         Some("LOADING" | "MASTERDOWN" | "TRYAGAIN") => return Error::Unavailable(msg),
@@ -243,9 +253,11 @@ fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Erro
 impl Broker for RedisBroker {
     async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
         let Layout::Redis(layout) = &query.layout;
-        // One atomic round trip: every priority list of every queue, and the unacked hash.
+        // One round trip: every priority list of every queue, then the unacked hash. Not a
+        // MULTI: kombu itself moves a message from a list to `unacked` in two steps, so a
+        // transaction buys no exactness, and the lists are read first so that a message moving
+        // from list to `unacked` meanwhile is counted (twice, for one reading) rather than missed.
         let mut pipe = redis::pipe();
-        pipe.atomic();
         let mut keys = Vec::with_capacity(query.queues.len());
         for queue in &query.queues {
             let queue_keys = layout.ready_keys(queue);

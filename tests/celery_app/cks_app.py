@@ -1,0 +1,58 @@
+"""The Celery app used by the integration tests (real Celery, real brokers).
+
+Configured from the environment so one file serves every scenario:
+
+- CKS_BROKER: the broker URL (required).
+- CKS_GLOBAL_KEYPREFIX, CKS_PRIORITY_STEPS ("0,5"), CKS_SEP: kombu Redis transport options.
+- CKS_ACKS_LATE ("1"): task_acks_late.
+- CKS_PREFETCH: worker_prefetch_multiplier (default 1).
+- CKS_MARKER_REDIS: a Redis URL where `cks.sleep` counts started tasks (key given per call).
+"""
+
+import os
+import time
+
+from celery import Celery
+
+app = Celery("cks", broker=os.environ["CKS_BROKER"])
+
+transport_options = {}
+if os.environ.get("CKS_GLOBAL_KEYPREFIX"):
+    transport_options["global_keyprefix"] = os.environ["CKS_GLOBAL_KEYPREFIX"]
+if os.environ.get("CKS_PRIORITY_STEPS"):
+    transport_options["priority_steps"] = [
+        int(s) for s in os.environ["CKS_PRIORITY_STEPS"].split(",")
+    ]
+if os.environ.get("CKS_SEP"):
+    transport_options["sep"] = os.environ["CKS_SEP"]
+if os.environ.get("CKS_MASTER_NAME"):
+    transport_options["master_name"] = os.environ["CKS_MASTER_NAME"]
+
+app.conf.update(
+    broker_transport_options=transport_options,
+    task_acks_late=os.environ.get("CKS_ACKS_LATE") == "1",
+    worker_prefetch_multiplier=int(os.environ.get("CKS_PREFETCH", "1")),
+    task_create_missing_queues=True,
+    # Tests publish and inspect; results are never read.
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    # Celery warns about this being unset on startup; it is the test's choice.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+)
+
+
+@app.task(name="cks.sleep")
+def sleep(seconds, marker=None):
+    """Sleeps; first counts itself as started under `marker` so tests can wait for it."""
+    if marker:
+        import redis
+
+        redis.Redis.from_url(os.environ["CKS_MARKER_REDIS"]).incr(marker)
+    time.sleep(seconds)
+
+
+@app.task(name="cks.noop")
+def noop():
+    return None

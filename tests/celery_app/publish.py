@@ -1,0 +1,52 @@
+"""Publishes tasks with real Celery, as an application would.
+
+    python publish.py --queue Q [--count N] [--priority P | --priorities 0-9] [--countdown S]
+                      [--seconds S] [--marker KEY]
+
+Prints the number of tasks published. The app is configured from the environment (cks_app).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cks_app import app, sleep  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--queue", required=True)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--priority", type=int)
+    p.add_argument(
+        "--priorities",
+        help="lo-hi: publish --count tasks for each priority in the range",
+    )
+    p.add_argument("--countdown", type=float)
+    p.add_argument("--seconds", type=float, default=0.0, help="how long each task sleeps")
+    p.add_argument("--marker")
+    a = p.parse_args()
+
+    if a.priorities:
+        lo, hi = (int(x) for x in a.priorities.split("-"))
+        priorities = [pri for pri in range(lo, hi + 1) for _ in range(a.count)]
+    else:
+        priorities = [a.priority] * a.count
+
+    published = 0
+    with app.producer_or_acquire() as producer:
+        for pri in priorities:
+            options = {"queue": a.queue, "producer": producer}
+            if pri is not None:
+                options["priority"] = pri
+            if a.countdown is not None:
+                options["countdown"] = a.countdown
+            sleep.apply_async(args=(a.seconds, a.marker), **options)
+            published += 1
+    print(published)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+//! Shared fixtures of the integration tests: find the brokers, run the scaler in-process over real
+//! gRPC, publish with real Celery, run real Celery workers, and start extra Redis servers
+//! (TLS, Unix socket, password, Sentinel) as child processes.
+//!
+//! A missing broker or a missing Celery is a test failure with a message saying how to get it
+//! (`scripts/test.sh` installs and starts everything), never a silent skip.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
+use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use celery_keda_scaler::server::{serve, ServeSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{}-{:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+/// Trigger metadata from pairs.
+pub fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after `limit` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// The shared Redis of the suite: `CKS_REDIS_URL`, or the default local one.
+pub fn redis_url() -> String {
+    let url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(url.as_str()).expect("CKS_REDIS_URL is a valid URL");
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(3))
+        .unwrap_or_else(|e| {
+            panic!("no Redis at {url} ({e}): run the suite with scripts/test.sh, which installs and starts Redis")
+        });
+    let pong: String = redis::cmd("PING")
+        .query(&mut conn)
+        .expect("Redis answers PING");
+    assert_eq!(pong, "PONG");
+    url
+}
+
+/// A raw connection for setting up and checking broker state independently of the scaler.
+pub async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// Removes every key and `unacked` entry a test created for `queues` under `prefix`.
+pub async fn cleanup_redis(url: &str, prefix: &str, queues: &[&str]) {
+    let mut conn = raw_redis(url).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    for key in keys {
+        if queues.iter().any(|q| key.contains(q)) {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
+        }
+    }
+    let entries: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{prefix}unacked"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    for (tag, value) in entries {
+        if queues.iter().any(|q| value.contains(&format!("\"{q}\""))) {
+            let _: Result<(), _> = redis::cmd("HDEL")
+                .arg(format!("{prefix}unacked"))
+                .arg(&tag)
+                .query_async(&mut conn)
+                .await;
+            let _: Result<(), _> = redis::cmd("ZREM")
+                .arg(format!("{prefix}unacked_index"))
+                .arg(&tag)
+                .query_async(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// Frees a local TCP port number for a child process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn which(binary: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(binary);
+        if p.is_file() {
+            return p;
+        }
+    }
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(binary);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{binary}` not found: run the suite with scripts/test.sh, which installs it")
+}
+
+fn wait_port(port: u16, what: &str) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Redis server of the test's own, for TLS, Unix socket, password and Sentinel cases.
+pub struct OwnRedis {
+    pub port: u16,
+    pub tls_port: Option<u16>,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    _child: ChildGuard,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server` on a free port and a Unix socket, with `extra` arguments.
+    pub fn start(password: Option<&str>, tls: Option<&TlsFiles>) -> OwnRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let socket = dir.path().join("redis.sock");
+        let mut cmd = Command::new(which("redis-server"));
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .args(["--unixsocketperm", "700"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(pw) = password {
+            cmd.args(["--requirepass", pw]);
+        }
+        let mut tls_port = None;
+        if let Some(files) = tls {
+            let p = free_port();
+            tls_port = Some(p);
+            cmd.args(["--tls-port", &p.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.server_cert)
+                .arg("--tls-key-file")
+                .arg(&files.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca_cert)
+                .args(["--tls-auth-clients", "no"]);
+        }
+        let child = ChildGuard(cmd.spawn().expect("redis-server starts"));
+        wait_port(port, "redis-server");
+        if let Some(p) = tls_port {
+            wait_port(p, "redis-server TLS");
+        }
+        OwnRedis {
+            port,
+            tls_port,
+            socket,
+            dir,
+            _child: child,
+        }
+    }
+
+    /// Plain URL with an optional password.
+    pub fn url(&self, password: Option<&str>) -> String {
+        match password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+}
+
+/// A CA and a server certificate for `127.0.0.1` / `localhost`, written as PEM files.
+pub struct TlsFiles {
+    pub dir: tempfile::TempDir,
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn generate() -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cks test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let server = server_params.signed_by(&server_key, &issuer).unwrap();
+        let write = |name: &str, pem: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        let ca_cert = write("ca.pem", ca.pem());
+        let server_cert = write("server.pem", server.pem());
+        let server_key = write("server.key", server_key.serialize_pem());
+        TlsFiles {
+            dir,
+            ca_cert,
+            server_cert,
+            server_key,
+        }
+    }
+}
+
+/// A Redis Sentinel watching `master_port` under `name`.
+pub struct OwnSentinel {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    _child: ChildGuard,
+}
+
+impl OwnSentinel {
+    pub fn start(master_port: u16, name: &str, master_password: Option<&str>) -> OwnSentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        let mut text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 1\n",
+            dir.path().display()
+        );
+        if let Some(pw) = master_password {
+            text.push_str(&format!("sentinel auth-pass {name} {pw}\n"));
+        }
+        std::fs::write(&conf, text).unwrap();
+        let child = Command::new(which("redis-sentinel"))
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel starts");
+        wait_port(port, "redis-sentinel");
+        OwnSentinel {
+            port,
+            _dir: dir,
+            _child: ChildGuard(child),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Celery
+
+/// The Python interpreter with Celery: `CKS_PYTHON`, else the repository's `.venv`.
+pub fn python() -> PathBuf {
+    let p = std::env::var("CKS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv/bin/python"));
+    assert!(
+        p.is_file(),
+        "no Python with Celery at {} (set CKS_PYTHON, or run scripts/test.sh, which creates .venv)",
+        p.display()
+    );
+    p
+}
+
+fn app_dir() -> PathBuf {
+    root().join("tests/celery_app")
+}
+
+/// How the test Celery app is configured (see tests/celery_app/cks_app.py).
+#[derive(Clone, Default)]
+pub struct CeleryConf {
+    pub broker: String,
+    pub global_keyprefix: Option<String>,
+    pub priority_steps: Option<String>,
+    pub sep: Option<String>,
+    pub acks_late: bool,
+    pub prefetch: Option<u32>,
+    pub marker_redis: Option<String>,
+    pub master_name: Option<String>,
+}
+
+impl CeleryConf {
+    pub fn new(broker: &str) -> Self {
+        CeleryConf {
+            broker: broker.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn apply(&self, cmd: &mut Command) {
+        cmd.current_dir(app_dir())
+            .env("CKS_BROKER", &self.broker)
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        let opt = |cmd: &mut Command, k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            } else {
+                cmd.env_remove(k);
+            }
+        };
+        opt(cmd, "CKS_GLOBAL_KEYPREFIX", &self.global_keyprefix);
+        opt(cmd, "CKS_PRIORITY_STEPS", &self.priority_steps);
+        opt(cmd, "CKS_SEP", &self.sep);
+        opt(cmd, "CKS_MARKER_REDIS", &self.marker_redis);
+        opt(cmd, "CKS_MASTER_NAME", &self.master_name);
+        opt(cmd, "CKS_PREFETCH", &self.prefetch.map(|p| p.to_string()));
+        cmd.env("CKS_ACKS_LATE", if self.acks_late { "1" } else { "0" });
+    }
+
+    /// Publishes with `publish.py`; `args` are its flags. Returns the count it published.
+    pub fn publish(&self, queue: &str, args: &[&str]) -> u64 {
+        let mut cmd = Command::new(python());
+        cmd.arg("publish.py").args(["--queue", queue]).args(args);
+        self.apply(&mut cmd);
+        let out = cmd.output().expect("python runs publish.py");
+        assert!(
+            out.status.success(),
+            "publish.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("publish.py prints a count")
+    }
+
+    /// Starts a real Celery worker (threads pool) consuming `queues`.
+    pub fn worker(&self, queues: &[&str], concurrency: u32) -> ChildGuard {
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "celery", "-A", "cks_app", "worker", "-P", "threads"])
+            .args(["-c", &concurrency.to_string()])
+            .args(["-Q", &queues.join(",")])
+            .args(["-n", &format!("{}@localhost", unique("w"))])
+            .args(["--without-mingle", "--without-gossip", "-l", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.apply(&mut cmd);
+        ChildGuard(cmd.spawn().expect("celery worker starts"))
+    }
+}
+
+// ---------------------------------------------------------------- Scaler
+
+/// The scaler, served in-process on `127.0.0.1:0`, shut down with a oneshot.
+pub struct Scaler {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Scaler {
+    pub async fn start() -> Scaler {
+        Self::start_with(BrokerEnv::default(), ServeSettings::default()).await
+    }
+
+    pub async fn start_with(env: BrokerEnv, settings: ServeSettings) -> Scaler {
+        celery_keda_scaler::install_crypto_provider();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            serve(grpc, Some(admin), env, settings, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Scaler {
+            addr,
+            admin: admin_addr,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn client(&self) -> ExternalScalerClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the scaler");
+        ExternalScalerClient::new(channel)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// GET on the admin port; returns (status line, body).
+    pub async fn admin_get(&self, path: &str) -> (String, String) {
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// The value of a metric line that starts with `prefix` (name and labels).
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Shuts down and waits for the server to stop.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(15), h)
+                .await
+                .expect("server stops within 15 s")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Scaler {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn object_ref(m: &HashMap<String, String>) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name: "worker".into(),
+        namespace: "default".into(),
+        scaler_metadata: m.clone(),
+    }
+}
+
+/// GetMetrics, checking the response shape: exactly one value, int and float equal.
+pub async fn depth(
+    client: &mut ExternalScalerClient<Channel>,
+    m: &HashMap<String, String>,
+) -> Result<i64, tonic::Status> {
+    let spec = client.get_metric_spec(object_ref(m)).await?.into_inner();
+    assert_eq!(spec.metric_specs.len(), 1);
+    let name = spec.metric_specs[0].metric_name.clone();
+    let resp = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object_ref(m)),
+            metric_name: name.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(resp.metric_values.len(), 1, "exactly one metric value");
+    let v = &resp.metric_values[0];
+    assert_eq!(v.metric_name, name);
+    assert_eq!(v.metric_value as f64, v.metric_value_float);
+    Ok(v.metric_value)
+}
+
+pub async fn active(
+    client: &mut ExternalScalerClient<Channel>,
+    m: &HashMap<String, String>,
+) -> Result<bool, tonic::Status> {
+    Ok(client.is_active(object_ref(m)).await?.into_inner().result)
+}

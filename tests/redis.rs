@@ -1,0 +1,448 @@
+//! Redis broker suite: real Redis (and Sentinel, TLS, Unix socket), real Celery publishing and
+//! real Celery workers reserving tasks; every number is checked over real gRPC.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Waits until the bare list `key` holds `len` messages (the worker took its share).
+async fn wait_llen(url: &str, key: &str, len: i64) {
+    let mut conn = raw_redis(url).await;
+    wait_for(&format!("LLEN {key} == {len}"), SETTLE, || {
+        let mut conn = conn.clone();
+        async move {
+            let n: i64 = redis::cmd("LLEN")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (n == len).then_some(())
+        }
+    })
+    .await;
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+/// Waits until counter `marker` (incremented by each started `cks.sleep`) reaches `n`.
+async fn wait_started(url: &str, marker: &str, n: i64) {
+    let conn = raw_redis(url).await;
+    wait_for(&format!("{n} tasks started ({marker})"), SETTLE, || {
+        let mut conn = conn.clone();
+        async move {
+            let v: Option<i64> = redis::cmd("GET")
+                .arg(marker)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (v == Some(n)).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_queue_is_celery() {
+    let url = redis_url();
+    // A unique global_keyprefix isolates Celery's default queue `celery` from other tests.
+    let prefix = format!("{}:", unique("dflt"));
+    let mut conf = CeleryConf::new(&url);
+    conf.global_keyprefix = Some(prefix.clone());
+    assert_eq!(conf.publish("celery", &["--count", "7"]), 7);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let m = meta(&[("brokerUrl", &url), ("globalKeyprefix", &prefix)]);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 7);
+    assert!(active(&mut client, &m).await.unwrap());
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("globalKeyprefix", &prefix),
+        ("activationQueueLength", "7"),
+    ]);
+    assert!(!active(&mut client, &m).await.unwrap(), "7 is not > 7");
+    cleanup_redis(&url, &prefix, &["celery"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_zero_to_nine_count_as_one_queue() {
+    let url = redis_url();
+    let q = unique("prio");
+    let conf = CeleryConf::new(&url);
+    // 10 tasks at each priority 0..=9.
+    assert_eq!(
+        conf.publish(&q, &["--count", "10", "--priorities", "0-9"]),
+        100
+    );
+
+    // What a one-list reader sees: only priorities 0-2.
+    let mut raw = raw_redis(&url).await;
+    let single: i64 = redis::cmd("LLEN")
+        .arg(&q)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(single, 30);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let m = meta(&[("brokerUrl", &url), ("queues", &q)]);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 100);
+
+    // The breakdown per priority step, as `probe` shows it: kombu maps 0-2 -> 0, 3-5 -> 3, 6-8 -> 6, 9 -> 9.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+        .args(["probe", &format!("brokerUrl={url}"), &format!("queues={q}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ready"))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(counts, [30, 30, 30, 10], "{text}");
+    assert!(text.contains("depth        100"), "{text}");
+    cleanup_redis(&url, "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_queues_are_summed_and_each_counts_alone() {
+    let url = redis_url();
+    let (a, b, c) = (unique("sum-a"), unique("sum-b"), unique("sum-c"));
+    let conf = CeleryConf::new(&url);
+    conf.publish(&a, &["--count", "3"]);
+    conf.publish(&b, &["--count", "4", "--priority", "6"]);
+    conf.publish(&c, &["--count", "5"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let q = |queues: String| meta(&[("brokerUrl", &url), ("queues", &queues)]);
+    assert_eq!(depth(&mut client, &q(format!("{a},{b}"))).await.unwrap(), 7);
+    assert_eq!(depth(&mut client, &q(c.clone())).await.unwrap(), 5);
+    assert_eq!(
+        depth(&mut client, &q(format!("{a}, {b} ,{c}")))
+            .await
+            .unwrap(),
+        12
+    );
+    assert_eq!(depth(&mut client, &q(unique("empty"))).await.unwrap(), 0);
+    assert!(!active(&mut client, &q(unique("empty"))).await.unwrap());
+    cleanup_redis(&url, "", &[&a, &b, &c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_keyprefix_is_followed() {
+    let url = redis_url();
+    let prefix = format!("{}:", unique("pfx"));
+    let q = unique("pq");
+    let mut conf = CeleryConf::new(&url);
+    conf.global_keyprefix = Some(prefix.clone());
+    conf.publish(&q, &["--count", "12", "--priorities", "0-0"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let with = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("globalKeyprefix", &prefix),
+    ]);
+    let without = meta(&[("brokerUrl", &url), ("queues", &q)]);
+    assert_eq!(depth(&mut client, &with).await.unwrap(), 12);
+    assert_eq!(depth(&mut client, &without).await.unwrap(), 0);
+    cleanup_redis(&url, &prefix, &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_priority_steps_and_separator() {
+    let url = redis_url();
+    let q = unique("steps");
+    let mut conf = CeleryConf::new(&url);
+    conf.priority_steps = Some("0,5".into());
+    conf.sep = Some(":".into());
+    // Priorities 0-4 land in `q`, 5-9 in `q:5`.
+    conf.publish(&q, &["--count", "2", "--priorities", "0-9"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let custom = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("prioritySteps", "0,5"),
+        ("separator", ":"),
+    ]);
+    assert_eq!(depth(&mut client, &custom).await.unwrap(), 20);
+    // With kombu's defaults only the bare list matches.
+    let defaults = meta(&[("brokerUrl", &url), ("queues", &q)]);
+    assert_eq!(depth(&mut client, &defaults).await.unwrap(), 10);
+    cleanup_redis(&url, "", &[&q]).await;
+}
+
+/// Early ack: a two-slot worker runs 2 tasks (acknowledged, gone from the broker) and reserves
+/// 2 more (prefetch 2 x 1, in `unacked`); 6 stay in the list. Reserved tasks of queue A never
+/// count for queue B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reserved_tasks_are_in_flight_with_early_ack() {
+    let url = redis_url();
+    let (a, b) = (unique("early-a"), unique("early-b"));
+    let marker = unique("started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(url.clone());
+    conf.prefetch = Some(1);
+    conf.publish(
+        &a,
+        &["--count", "10", "--seconds", "120", "--marker", &marker],
+    );
+    conf.publish(&b, &["--count", "3"]);
+    let _worker = conf.worker(&[&a], 2);
+    wait_started(&url, &marker, 2).await;
+    wait_llen(&url, &a, 6).await;
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let m = |q: &str, in_flight: &str| {
+        meta(&[
+            ("brokerUrl", &url),
+            ("queues", q),
+            ("scaleOnInFlight", in_flight),
+            ("scaleOnRunning", "false"),
+        ])
+    };
+    assert_eq!(depth(&mut client, &m(&a, "true")).await.unwrap(), 8);
+    assert_eq!(depth(&mut client, &m(&a, "false")).await.unwrap(), 6);
+    assert_eq!(depth(&mut client, &m(&b, "true")).await.unwrap(), 3);
+    assert_eq!(
+        depth(&mut client, &m(&format!("{a},{b}"), "true"))
+            .await
+            .unwrap(),
+        11
+    );
+    assert!(active(&mut client, &m(&a, "false")).await.unwrap());
+    drop(_worker);
+    cleanup_redis(&url, "", &[&a, &b, &marker]).await;
+}
+
+/// acks_late: both running tasks stay unacknowledged and fill the prefetch window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_running_tasks_are_in_flight_with_acks_late() {
+    let url = redis_url();
+    let q = unique("late");
+    let marker = unique("started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(url.clone());
+    conf.prefetch = Some(1);
+    conf.acks_late = true;
+    conf.publish(
+        &q,
+        &["--count", "10", "--seconds", "120", "--marker", &marker],
+    );
+    let _worker = conf.worker(&[&q], 2);
+    wait_started(&url, &marker, 2).await;
+    wait_llen(&url, &q, 8).await;
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let m = |in_flight: &str| {
+        meta(&[
+            ("brokerUrl", &url),
+            ("queues", &q),
+            ("scaleOnInFlight", in_flight),
+            ("scaleOnRunning", "false"),
+        ])
+    };
+    assert_eq!(depth(&mut client, &m("true")).await.unwrap(), 10);
+    assert_eq!(depth(&mut client, &m("false")).await.unwrap(), 8);
+    drop(_worker);
+    cleanup_redis(&url, "", &[&q, &marker]).await;
+}
+
+/// Countdown tasks wait inside the worker, unacknowledged, until their ETA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eta_tasks_held_by_a_worker_are_in_flight() {
+    let url = redis_url();
+    let q = unique("eta");
+    let conf = CeleryConf::new(&url);
+    conf.publish(&q, &["--count", "5", "--countdown", "600"]);
+    let _worker = conf.worker(&[&q], 1);
+    wait_llen(&url, &q, 0).await;
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let on = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let off = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnInFlight", "false"),
+        ("scaleOnRunning", "false"),
+    ]);
+    // The worker may still be moving the last message from the list into `unacked`.
+    wait_for("5 ETA tasks in flight", SETTLE, || {
+        let mut client = client.clone();
+        let on = on.clone();
+        async move { (depth(&mut client, &on).await.ok()? == 5).then_some(()) }
+    })
+    .await;
+    assert_eq!(depth(&mut client, &on).await.unwrap(), 5);
+    assert!(active(&mut client, &on).await.unwrap());
+    assert_eq!(depth(&mut client, &off).await.unwrap(), 0);
+    assert!(!active(&mut client, &off).await.unwrap());
+    drop(_worker);
+    cleanup_redis(&url, "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_celery_ssl_parameters() {
+    let tls = TlsFiles::generate();
+    let server = OwnRedis::start(None, Some(&tls));
+    let q = unique("tls");
+    // Publish over the plain port, read over TLS: the same server.
+    CeleryConf::new(&server.url(None)).publish(&q, &["--count", "3"]);
+    let tls_port = server.tls_port.unwrap();
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let verified = format!(
+        "rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={}",
+        tls.ca_cert.display()
+    );
+    let unverified = format!("rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none");
+    let untrusted = format!("rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required");
+    assert_eq!(
+        depth(
+            &mut client,
+            &meta(&[("brokerUrl", &verified), ("queues", &q)])
+        )
+        .await
+        .unwrap(),
+        3
+    );
+    assert_eq!(
+        depth(
+            &mut client,
+            &meta(&[("brokerUrl", &unverified), ("queues", &q)])
+        )
+        .await
+        .unwrap(),
+        3
+    );
+    // The test CA is not among the system roots: the scaler must refuse, not report 0.
+    let err = depth(
+        &mut client,
+        &meta(&[("brokerUrl", &untrusted), ("queues", &q)]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_and_database_number() {
+    let server = OwnRedis::start(None, None);
+    let q = unique("sock");
+    CeleryConf::new(&format!("redis://127.0.0.1:{}/3", server.port)).publish(&q, &["--count", "4"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let socket = format!("redis+socket://{}?virtual_host=3", server.socket.display());
+    assert_eq!(
+        depth(
+            &mut client,
+            &meta(&[("brokerUrl", &socket), ("queues", &q)])
+        )
+        .await
+        .unwrap(),
+        4
+    );
+    // Database 0 of the same server has nothing.
+    let db0 = format!("redis+socket://{}", server.socket.display());
+    assert_eq!(
+        depth(&mut client, &meta(&[("brokerUrl", &db0), ("queues", &q)]))
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_work_and_wrong_ones_are_refused_without_showing() {
+    let password = "s3cr3t-Pa55word";
+    let server = OwnRedis::start(Some(password), None);
+    let q = unique("auth");
+    CeleryConf::new(&server.url(Some(password))).publish(&q, &["--count", "2"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let good = meta(&[("brokerUrl", &server.url(Some(password))), ("queues", &q)]);
+    assert_eq!(depth(&mut client, &good).await.unwrap(), 2);
+
+    let wrong_pw = "wrong-Pa55word";
+    let bad = meta(&[("brokerUrl", &server.url(Some(wrong_pw))), ("queues", &q)]);
+    let err = depth(&mut client, &bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(!err.message().contains(wrong_pw), "{}", err.message());
+    let err = active(&mut client, &bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let none = meta(&[("brokerUrl", &server.url(None)), ("queues", &q)]);
+    let err = depth(&mut client, &none).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let (_, metrics) = scaler.admin_get("/metrics").await;
+    assert!(!metrics.contains(password) && !metrics.contains(wrong_pw));
+    assert!(
+        metrics
+            .contains("celery_keda_broker_errors_total{broker=\"redis\",kind=\"unauthenticated\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_finds_the_master() {
+    let password = "sentinel-master-pw";
+    let master = OwnRedis::start(Some(password), None);
+    let sentinel = OwnSentinel::start(master.port, "cksmaster", Some(password));
+    let q = unique("sent");
+    CeleryConf::new(&master.url(Some(password))).publish(&q, &["--count", "6"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    // The first sentinel is down: the client must move on to the next.
+    let dead = free_port();
+    let url = format!(
+        "sentinel://:{password}@127.0.0.1:{dead};sentinel://127.0.0.1:{}",
+        sentinel.port
+    );
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("sentinelMaster", "cksmaster"),
+        ("queues", &q),
+    ]);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 6);
+
+    let missing = meta(&[("brokerUrl", &url), ("queues", &q)]);
+    let err = depth(&mut client, &missing).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("sentinelMaster"),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains(password));
+
+    let unknown = meta(&[
+        ("brokerUrl", &url),
+        ("sentinelMaster", "nosuchmaster"),
+        ("queues", &q),
+    ]);
+    let err = depth(&mut client, &unknown).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!err.message().contains(password));
+}
