@@ -1,0 +1,192 @@
+//! Push latency and start-up benchmark against a real Redis.
+//!
+//! `cargo bench --bench push_and_startup` (Redis from `CKS_REDIS_URL`, default
+//! `redis://127.0.0.1:6379`). Prints, each beside its limit:
+//! - push latency: first task LPUSHed on an empty queue -> `true` received on an open
+//!   `StreamIsActive` stream, default settings (200 ms shared poll), at a random phase;
+//! - start-up: spawn of the release binary -> gRPC port accepting connections;
+//! - idle RSS of the serving process.
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it only checks that it was built.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
+use celery_keda_scaler::proto::ScaledObjectRef;
+use celery_keda_scaler::server::{serve, ServeSettings};
+use tokio_stream::StreamExt;
+
+const PUSH_RUNS: usize = 100;
+const START_RUNS: usize = 20;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>, limits: &str) {
+    samples.sort();
+    println!(
+        "{name:<28} n={:<4} p50={:>8.1?} p90={:>8.1?} p99={:>8.1?} max={:>8.1?}   limit: {limits}",
+        samples.len(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.9),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1],
+    );
+}
+
+async fn push_latency(url: &str) -> Vec<Duration> {
+    celery_keda_scaler::install_crypto_provider();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        grpc,
+        None,
+        BrokerEnv::default(),
+        ServeSettings::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut client = ExternalScalerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let redis = redis::Client::open(url).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut samples = Vec::with_capacity(PUSH_RUNS);
+    for i in 0..PUSH_RUNS {
+        let queue = format!("bench-push-{}-{i}", std::process::id());
+        let meta: HashMap<String, String> = [("brokerUrl", url), ("queues", queue.as_str())]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut stream = client
+            .stream_is_active(ScaledObjectRef {
+                name: "b".into(),
+                namespace: "b".into(),
+                scaler_metadata: meta,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // A random phase against the 200 ms poll, after the first (empty) reading.
+        let phase = 250 + (i * 37 % 200) as u64;
+        tokio::time::sleep(Duration::from_millis(phase)).await;
+        let start = Instant::now();
+        let _: i64 = redis::cmd("LPUSH")
+            .arg(&queue)
+            .arg("{}")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap();
+        assert!(msg.unwrap().unwrap().result);
+        samples.push(start.elapsed());
+        let _: i64 = redis::cmd("DEL")
+            .arg(&queue)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _ = tx.send(());
+    let _ = server.await;
+    samples
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn startup(bin: &str) -> (Vec<Duration>, Vec<u64>) {
+    let mut times = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..START_RUNS {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let start = Instant::now();
+        let mut child = std::process::Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no listener");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        times.push(start.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(kib) = rss_kib(child.id()) {
+            rss.push(kib);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (times, rss)
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("push_and_startup: built; run it with `cargo bench --bench push_and_startup`");
+        return;
+    }
+    let url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let bin = std::env::var("CKS_SCALER_BIN").unwrap_or_else(|_| {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let status = std::process::Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--bin",
+                "celery-keda-scaler",
+            ])
+            .current_dir(root)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        format!("{root}/target/release/celery-keda-scaler")
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let samples = rt.block_on(push_latency(&url));
+    report(
+        "push latency (Redis)",
+        samples,
+        "p50 <= 300 ms, p99 <= 600 ms (issue 6); < 1 s (issue 2)",
+    );
+    let (times, rss) = startup(&bin);
+    report("start-up to listening", times, "<= 100 ms");
+    let max_rss = rss.iter().max().copied().unwrap_or(0);
+    println!(
+        "{:<28} max={} KiB over {} runs   limit: <= 15 MB",
+        "idle RSS",
+        max_rss,
+        rss.len()
+    );
+}
