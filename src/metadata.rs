@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::broker::rabbitmq::{Management, RabbitLayout};
 use crate::broker::redis::{unescape, RedisAddr, RedisLayout, DEFAULT_PRIORITY_STEPS};
 use crate::broker::{BrokerTarget, DepthQuery, Layout};
 use crate::error::{Error, Result};
@@ -168,6 +169,19 @@ pub fn parse(meta: &HashMap<String, String>, env: &BrokerEnv) -> Result<Trigger>
                 Layout::Redis(parse_redis_layout(meta)?),
             )
         }
+        BrokerTarget::RabbitMq(mut t) => {
+            if let Some(vhost) = get("vhost") {
+                t.vhost = vhost.to_string();
+            }
+            let management = match get("managementUrl") {
+                Some(raw) => Management::parse(raw, &t)?,
+                None => t.default_management(),
+            };
+            (
+                BrokerTarget::RabbitMq(t),
+                Layout::RabbitMq(RabbitLayout { management }),
+            )
+        }
     };
 
     Ok(Trigger {
@@ -293,6 +307,8 @@ pub fn derive_metric_name(queues: &[String]) -> String {
             if lower.is_ascii_lowercase() || lower.is_ascii_digit() {
                 lossy |= lower != c;
                 name.push(lower);
+            } else if c == '-' && !name.ends_with('-') {
+                name.push('-');
             } else {
                 lossy = true;
                 if !name.ends_with('-') {

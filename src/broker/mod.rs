@@ -1,6 +1,7 @@
 //! The broker abstraction: one small trait, the query and reading types, and the registry that
 //! keeps one client (connection pool) per distinct broker.
 
+pub mod rabbitmq;
 pub mod redis;
 pub mod url;
 
@@ -34,6 +35,8 @@ pub struct DepthQuery {
 pub enum Layout {
     /// kombu's Redis transport options.
     Redis(RedisLayout),
+    /// RabbitMQ: where the management API is.
+    RabbitMq(rabbitmq::RabbitLayout),
 }
 
 /// Ready messages in one list or queue (for Redis: one priority step).
@@ -120,6 +123,9 @@ impl Registry {
         }
         let client: Arc<dyn Broker> = match target {
             BrokerTarget::Redis(t) => Arc::new(redis::RedisBroker::new(t.clone(), &self.settings)?),
+            BrokerTarget::RabbitMq(t) => {
+                Arc::new(rabbitmq::RabbitBroker::new(t.clone(), &self.settings)?)
+            }
         };
         clients.insert(target.clone(), client.clone());
         Ok(client)

@@ -2,6 +2,7 @@
 //!
 //! Only the scheme is looked at here; each backend parses the rest of its own URLs.
 
+use super::rabbitmq::RabbitTarget;
 use super::redis::RedisTarget;
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -14,6 +15,8 @@ use crate::secret::redact_urls;
 pub enum BrokerTarget {
     /// A Redis server, Sentinel-managed master, or Unix socket.
     Redis(RedisTarget),
+    /// A RabbitMQ virtual host.
+    RabbitMq(RabbitTarget),
 }
 
 impl BrokerTarget {
@@ -41,16 +44,17 @@ impl BrokerTarget {
             "redis" | "rediss" | "redis+socket" | "socket" | "sentinel" => {
                 RedisTarget::parse(key, url).map(BrokerTarget::Redis)
             }
-            "amqp" | "amqps" | "pyamqp" | "sqs" => Err(Error::invalid(
+            "amqp" | "amqps" | "pyamqp" => RabbitTarget::parse(key, url).map(BrokerTarget::RabbitMq),
+            "sqs" => Err(Error::invalid(
                 key,
                 format!(
-                    "{scheme}:// brokers are not supported by this version yet (supported: redis://, rediss://, redis+socket://, sentinel://)"
+                    "{scheme}:// brokers are not supported by this version yet (supported: redis://, rediss://, redis+socket://, sentinel://, amqp://, amqps://, pyamqp://)"
                 ),
             )),
             other => Err(Error::invalid(
                 key,
                 format!(
-                    "unsupported broker scheme `{other}://` in `{}` (supported: redis://, rediss://, redis+socket://, sentinel://)",
+                    "unsupported broker scheme `{other}://` in `{}` (supported: redis://, rediss://, redis+socket://, sentinel://, amqp://, amqps://, pyamqp://)",
                     redact_urls(url)
                 ),
             )),
@@ -61,6 +65,7 @@ impl BrokerTarget {
     pub fn kind(&self) -> &'static str {
         match self {
             BrokerTarget::Redis(_) => "redis",
+            BrokerTarget::RabbitMq(_) => "rabbitmq",
         }
     }
 
@@ -68,6 +73,7 @@ impl BrokerTarget {
     pub fn redacted(&self) -> String {
         match self {
             BrokerTarget::Redis(t) => t.redacted(),
+            BrokerTarget::RabbitMq(t) => t.redacted(),
         }
     }
 }

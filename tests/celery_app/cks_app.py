@@ -7,12 +7,17 @@ Configured from the environment so one file serves every scenario:
 - CKS_ACKS_LATE ("1"): task_acks_late.
 - CKS_PREFETCH: worker_prefetch_multiplier (default 1).
 - CKS_MARKER_REDIS: a Redis URL where `cks.sleep` counts started tasks (key given per call).
+- CKS_QUEUE_ARGS: JSON {queue: {argument: value}} declaring queues with arguments
+  (RabbitMQ `x-max-priority`, `x-queue-type: quorum`).
+- CKS_CONFIRM_PUBLISH ("1"): the `confirm_publish` transport option (RabbitMQ).
 """
 
+import json
 import os
 import time
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 app = Celery("cks", broker=os.environ["CKS_BROKER"])
 
@@ -25,6 +30,8 @@ if os.environ.get("CKS_PRIORITY_STEPS"):
     ]
 if os.environ.get("CKS_SEP"):
     transport_options["sep"] = os.environ["CKS_SEP"]
+if os.environ.get("CKS_CONFIRM_PUBLISH") == "1":
+    transport_options["confirm_publish"] = True
 if os.environ.get("CKS_MASTER_NAME"):
     transport_options["master_name"] = os.environ["CKS_MASTER_NAME"]
 
@@ -41,6 +48,12 @@ app.conf.update(
     # Celery warns about this being unset on startup; it is the test's choice.
     worker_cancel_long_running_tasks_on_connection_loss=True,
 )
+
+if os.environ.get("CKS_QUEUE_ARGS"):
+    app.conf.task_queues = [
+        Queue(name, Exchange(name), routing_key=name, queue_arguments=args, durable=True)
+        for name, args in json.loads(os.environ["CKS_QUEUE_ARGS"]).items()
+    ]
 
 
 @app.task(name="cks.sleep")

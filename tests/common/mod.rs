@@ -347,6 +347,9 @@ pub struct CeleryConf {
     pub prefetch: Option<u32>,
     pub marker_redis: Option<String>,
     pub master_name: Option<String>,
+    /// JSON {queue: {argument: value}} (RabbitMQ queue arguments).
+    pub queue_args: Option<String>,
+    pub confirm_publish: bool,
 }
 
 impl CeleryConf {
@@ -373,6 +376,11 @@ impl CeleryConf {
         opt(cmd, "CKS_SEP", &self.sep);
         opt(cmd, "CKS_MARKER_REDIS", &self.marker_redis);
         opt(cmd, "CKS_MASTER_NAME", &self.master_name);
+        opt(cmd, "CKS_QUEUE_ARGS", &self.queue_args);
+        cmd.env(
+            "CKS_CONFIRM_PUBLISH",
+            if self.confirm_publish { "1" } else { "0" },
+        );
         opt(cmd, "CKS_PREFETCH", &self.prefetch.map(|p| p.to_string()));
         cmd.env("CKS_ACKS_LATE", if self.acks_late { "1" } else { "0" });
     }
@@ -547,4 +555,176 @@ pub async fn active(
     m: &HashMap<String, String>,
 ) -> Result<bool, tonic::Status> {
     Ok(client.is_active(object_ref(m)).await?.into_inner().result)
+}
+
+// ---------------------------------------------------------------- RabbitMQ
+
+/// The suite's RabbitMQ AMQP address (`CKS_AMQP_URL`), checked to accept connections.
+pub fn amqp_base() -> (String, u16) {
+    let url = std::env::var("CKS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672//".into());
+    let parsed = url::Url::parse(&url).expect("CKS_AMQP_URL is a URL");
+    let host = parsed.host_str().unwrap_or("127.0.0.1").to_string();
+    let port = parsed.port().unwrap_or(5672);
+    std::net::TcpStream::connect((host.as_str(), port)).unwrap_or_else(|e| {
+        panic!("no RabbitMQ at {host}:{port} ({e}): run the suite with scripts/test.sh, which installs and starts RabbitMQ")
+    });
+    (host, port)
+}
+
+/// The management API base (`CKS_RABBITMQ_MANAGEMENT_URL`).
+pub fn management_base() -> String {
+    std::env::var("CKS_RABBITMQ_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// A vhost of the test's own on the suite's RabbitMQ, with guest allowed; deleted by `delete`.
+pub struct Vhost {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Vhost {
+    pub async fn create() -> Vhost {
+        celery_keda_scaler::install_crypto_provider();
+        let (host, port) = amqp_base();
+        let name = unique("cks");
+        let api = management_base();
+        let client = http();
+        let r = client
+            .put(format!("{api}/api/vhosts/{name}"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ management API at {api} ({e}): scripts/test.sh enables rabbitmq_management"));
+        assert!(r.status().is_success(), "create vhost: {}", r.status());
+        let r = client
+            .put(format!("{api}/api/permissions/{name}/guest"))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "permissions: {}", r.status());
+        Vhost { name, host, port }
+    }
+
+    /// `amqp://guest:guest@host:port/<vhost>`.
+    pub fn url(&self) -> String {
+        self.url_via(self.port)
+    }
+
+    /// The same through another local port (a proxy).
+    pub fn url_via(&self, port: u16) -> String {
+        format!("amqp://guest:guest@{}:{port}/{}", self.host, self.name)
+    }
+
+    /// A queue's counters as the management API reports them.
+    pub async fn queue(&self, queue: &str) -> Option<serde_json::Value> {
+        let r = http()
+            .get(format!(
+                "{}/api/queues/{}/{queue}",
+                management_base(),
+                self.name
+            ))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// Declares a durable queue as Celery would (no arguments).
+    pub async fn declare(&self, queue: &str) {
+        let r = http()
+            .put(format!(
+                "{}/api/queues/{}/{queue}",
+                management_base(),
+                self.name
+            ))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"durable": true, "auto_delete": false}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "declare {queue}: {}", r.status());
+    }
+
+    pub async fn delete(self) {
+        let _ = http()
+            .delete(format!("{}/api/vhosts/{}", management_base(), self.name))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await;
+    }
+}
+
+/// A TCP proxy to a local port that a test can stop (connections cut, new ones refused) and
+/// start again on the same port: a broker outage as the scaler sees it.
+pub struct Proxy {
+    pub port: u16,
+    target: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Proxy {
+        let mut p = Proxy {
+            port: free_port(),
+            target,
+            task: None,
+        };
+        p.resume().await;
+        p
+    }
+
+    /// Cuts every connection and closes the port.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn resume(&mut self) {
+        self.stop();
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

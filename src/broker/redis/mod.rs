@@ -252,7 +252,11 @@ fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Erro
 #[async_trait]
 impl Broker for RedisBroker {
     async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
-        let Layout::Redis(layout) = &query.layout;
+        let Layout::Redis(layout) = &query.layout else {
+            return Err(Error::Internal(
+                "Redis broker given a query for another broker".into(),
+            ));
+        };
         // One round trip: every priority list of every queue, then the unacked hash. Not a
         // MULTI: kombu itself moves a message from a list to `unacked` in two steps, so a
         // transaction buys no exactness, and the lists are read first so that a message moving

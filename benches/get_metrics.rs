@@ -1,0 +1,169 @@
+//! GetMetrics latency over real gRPC against real brokers, beside the raw broker round trips the
+//! answer needs, measured from the same process in the same run.
+//!
+//! `cargo bench --bench get_metrics` (Redis from `CKS_REDIS_URL`, RabbitMQ from `CKS_AMQP_URL`
+//! and `CKS_RABBITMQ_MANAGEMENT_URL`, defaults on localhost). Under `cargo test --all-targets`
+//! it only checks that it was built.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
+use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use celery_keda_scaler::server::{serve, ServeSettings};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tonic::transport::Channel;
+
+const RUNS: usize = 2000;
+const WARMUP: usize = 200;
+
+fn summary(name: &str, mut s: Vec<Duration>, limit: &str) -> Duration {
+    s.sort();
+    let p = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{name:<44} p50={:>9.1?} p90={:>9.1?} p99={:>9.1?}  {limit}",
+        p(0.5),
+        p(0.9),
+        p(0.99)
+    );
+    p(0.5)
+}
+
+async fn time<F, Fut>(mut f: F) -> Vec<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..WARMUP {
+        f().await;
+    }
+    let mut out = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        f().await;
+        out.push(t.elapsed());
+    }
+    out
+}
+
+async fn get_metrics(
+    client: &ExternalScalerClient<Channel>,
+    meta: &HashMap<String, String>,
+) -> Vec<Duration> {
+    let req = GetMetricsRequest {
+        scaled_object_ref: Some(ScaledObjectRef {
+            name: "bench".into(),
+            namespace: "bench".into(),
+            scaler_metadata: meta.clone(),
+        }),
+        metric_name: "x".into(),
+    };
+    time(|| {
+        let mut c = client.clone();
+        let r = req.clone();
+        async move {
+            c.get_metrics(r).await.expect("GetMetrics succeeds");
+        }
+    })
+    .await
+}
+
+fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("get_metrics: built; run it with `cargo bench --bench get_metrics`");
+        return;
+    }
+    celery_keda_scaler::install_crypto_provider();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        tokio::spawn(serve(grpc, None, BrokerEnv::default(), ServeSettings::default(), std::future::pending()));
+        let client = ExternalScalerClient::connect(format!("http://{addr}")).await.unwrap();
+
+        // --- Redis: 4 priority lists + the unacked hash, one pipeline.
+        let redis_url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let q = format!("bench-gm-{}", std::process::id());
+        let rc = redis::Client::open(redis_url.as_str()).unwrap();
+        let conn = rc.get_multiplexed_async_connection().await.unwrap();
+        let raw = time(|| {
+            let mut conn = conn.clone();
+            let q = q.clone();
+            async move {
+                let mut p = redis::pipe();
+                for k in [q.clone(), format!("{q}\x06\x163"), format!("{q}\x06\x166"), format!("{q}\x06\x169")] {
+                    p.llen(k);
+                }
+                p.hvals("unacked");
+                let _: Vec<redis::Value> = p.query_async(&mut conn).await.unwrap();
+            }
+        })
+        .await;
+        println!("GetMetrics latency, {RUNS} sequential calls after {WARMUP} warm-up, one client, loopback");
+        let raw50 = summary("Redis raw pipeline (4 LLEN + HVALS unacked)", raw, "(baseline)");
+        let gm = get_metrics(&client, &meta(&[("brokerUrl", &redis_url), ("queues", &q)])).await;
+        let gm50 = summary("Redis GetMetrics (in flight on)", gm, "limit: p50 <= 1.5x raw, p99 < 2 ms");
+        println!("{:<44} {:.2}x", "  ratio p50 GetMetrics / raw", gm50.as_secs_f64() / raw50.as_secs_f64());
+
+        // --- RabbitMQ: passive declare over AMQP, and the management API call.
+        let amqp = std::env::var("CKS_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672//".into());
+        let mgmt = std::env::var("CKS_RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into());
+        let http = reqwest::Client::new();
+        let qname = format!("bench-gm-{}", std::process::id());
+        let r = http
+            .put(format!("{mgmt}/api/queues/%2F/{qname}"))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"durable": false, "auto_delete": false}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let u = url::Url::parse(&amqp).unwrap();
+        let lapin_url = format!(
+            "amqp://{}:{}@{}:{}/%2f",
+            u.username(),
+            u.password().unwrap_or(""),
+            u.host_str().unwrap(),
+            u.port().unwrap_or(5672)
+        );
+        let conn = lapin::Connection::connect(&lapin_url, lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let raw_amqp = time(|| {
+            let ch = ch.clone();
+            let q = qname.clone();
+            async move {
+                let o = QueueDeclareOptions { passive: true, ..Default::default() };
+                ch.queue_declare(q.as_str().into(), o, FieldTable::default()).await.unwrap();
+            }
+        })
+        .await;
+        let a50 = summary("RabbitMQ raw passive queue.declare", raw_amqp, "(baseline)");
+        let url = format!("{mgmt}/api/queues/%2F/{qname}?columns=name,messages_ready,messages_unacknowledged");
+        let raw_http = time(|| {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let r = http.get(url).basic_auth("guest", Some("guest")).send().await.unwrap();
+                let _: serde_json::Value = r.json().await.unwrap();
+            }
+        })
+        .await;
+        let h50 = summary("RabbitMQ raw management GET queue", raw_http, "(baseline)");
+        let off = get_metrics(&client, &meta(&[("brokerUrl", &amqp), ("queues", &qname), ("scaleOnInFlight", "false")])).await;
+        let off50 = summary("RabbitMQ GetMetrics (in flight off: AMQP only)", off, "limit: p50 <= 1.5x raw declare");
+        let on = get_metrics(&client, &meta(&[("brokerUrl", &amqp), ("queues", &qname)])).await;
+        let on50 = summary("RabbitMQ GetMetrics (in flight on: AMQP + HTTP)", on, "limit: p50 <= 1.5x max(raw declare, raw GET)");
+        println!("{:<44} {:.2}x", "  ratio p50 off / raw declare", off50.as_secs_f64() / a50.as_secs_f64());
+        println!("{:<44} {:.2}x", "  ratio p50 on / max(raw)", on50.as_secs_f64() / a50.max(h50).as_secs_f64());
+        let _ = http.delete(format!("{mgmt}/api/queues/%2F/{qname}")).basic_auth("guest", Some("guest")).send().await;
+    });
+}

@@ -1,0 +1,350 @@
+//! The RabbitMQ backend: ready counts by passive `queue.declare` over one shared AMQP connection
+//! per broker (re-established after a failure), in-flight counts (`messages_unacknowledged`) from
+//! the management HTTP API.
+
+mod target;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::QueueDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::FieldTable;
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+pub use target::{AmqpTls, Management, RabbitTarget, MANAGEMENT_PORT};
+
+use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
+use crate::error::{Error, Result};
+use crate::secret::redact_urls;
+
+/// Trigger options for RabbitMQ: where the management API is.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct RabbitLayout {
+    /// Management API, from `managementUrl` or derived from the AMQP URL.
+    pub management: Management,
+}
+
+/// A RabbitMQ client shared by every trigger naming the same [`RabbitTarget`].
+pub struct RabbitBroker {
+    target: RabbitTarget,
+    timeout: Duration,
+    /// The connection and a channel on it, opened on first use and after a failure.
+    amqp: Mutex<Amqp>,
+    http: reqwest::Client,
+}
+
+#[derive(Default)]
+struct Amqp {
+    connection: Option<Connection>,
+    channel: Option<Channel>,
+}
+
+/// Where an AMQP error happened: a refusal while connecting means bad credentials.
+#[derive(Clone, Copy)]
+enum Stage {
+    Connect,
+    Query,
+}
+
+impl RabbitBroker {
+    /// Builds the client without connecting.
+    pub fn new(target: RabbitTarget, settings: &ClientSettings) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        Ok(RabbitBroker {
+            target,
+            timeout: settings.timeout,
+            amqp: Mutex::new(Amqp::default()),
+            http,
+        })
+    }
+
+    fn uri(&self) -> AMQPUri {
+        let t = &self.target;
+        AMQPUri {
+            scheme: if t.tls.is_some() {
+                AMQPScheme::AMQPS
+            } else {
+                AMQPScheme::AMQP
+            },
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: t.username.clone(),
+                    password: t.password.expose().to_string(),
+                },
+                host: t.host.clone(),
+                port: t.port,
+            },
+            vhost: t.vhost.clone(),
+            query: AMQPQueryString {
+                connection_timeout: Some(self.timeout.as_millis().try_into().unwrap_or(u64::MAX)),
+                heartbeat: Some(30),
+                ..AMQPQueryString::default()
+            },
+        }
+    }
+
+    fn tls_config(&self) -> Result<OwnedTLSConfig> {
+        let Some(tls) = &self.target.tls else {
+            return Ok(OwnedTLSConfig::default());
+        };
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                Error::Unavailable(format!(
+                    "RabbitMQ broker {}: cannot read {}: {e}",
+                    self.target.redacted(),
+                    p.display()
+                ))
+            })
+        };
+        let cert_chain = match &tls.ca_certs {
+            Some(p) => Some(String::from_utf8_lossy(&read(p)?).into_owned()),
+            None => None,
+        };
+        let identity = match &tls.client_cert {
+            Some((cert, key)) => Some(OwnedIdentity::PKCS8 {
+                pem: read(cert)?,
+                key: read(key)?,
+            }),
+            None => None,
+        };
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
+    }
+
+    /// A usable channel: the cached one, or a new one (on a new connection if needed).
+    async fn channel(&self) -> Result<Channel> {
+        let mut amqp = self.amqp.lock().await;
+        if let Some(ch) = &amqp.channel {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        amqp.channel = None;
+        let alive = amqp
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.status().connected());
+        if !alive {
+            if let Some(old) = amqp.connection.take() {
+                tokio::spawn(async move {
+                    let _ = old.close(200, "reconnecting".into()).await;
+                });
+            }
+            let runtime =
+                lapin::runtime::default_runtime().map_err(|e| self.convert(e, Stage::Connect))?;
+            let props =
+                ConnectionProperties::default().with_connection_name("celery-keda-scaler".into());
+            let connection =
+                Connection::connect_uri_with_config(self.uri(), props, self.tls_config()?, runtime)
+                    .await
+                    .map_err(|e| self.convert(e, Stage::Connect))?;
+            amqp.connection = Some(connection);
+        }
+        let connection = amqp.connection.as_ref().expect("set above");
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| self.convert(e, Stage::Connect))?;
+        amqp.channel = Some(channel.clone());
+        Ok(channel)
+    }
+
+    fn convert(&self, err: lapin::Error, stage: Stage) -> Error {
+        let broker = self.target.redacted();
+        let mut text = redact_urls(&err.to_string());
+        let pw = self.target.password.expose();
+        if !pw.is_empty() {
+            text = text.replace(pw, "***");
+        }
+        let msg = format!("RabbitMQ broker {broker}: {text}");
+        match err.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => match (amqp.kind(), stage) {
+                (AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED), Stage::Connect) => {
+                    Error::Unauthenticated(msg)
+                }
+                (AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED), Stage::Query)
+                | (AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED), _) => {
+                    Error::PermissionDenied(msg)
+                }
+                (AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), _) => Error::NotFound(msg),
+                (AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED), _) => {
+                    Error::Unavailable(msg)
+                }
+                _ => Error::Internal(msg),
+            },
+            lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                Error::DeadlineExceeded(msg)
+            }
+            lapin::ErrorKind::IOError(_)
+            | lapin::ErrorKind::MissingHeartbeatError
+            | lapin::ErrorKind::InvalidConnectionState(_)
+            | lapin::ErrorKind::InvalidChannelState(..)
+            | lapin::ErrorKind::RuntimeShutdownError(_) => Error::Unavailable(msg),
+            _ => Error::Internal(msg),
+        }
+    }
+
+    async fn ready(&self, queue: &str) -> Result<u64> {
+        let channel = self.channel().await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+        {
+            Ok(q) => Ok(u64::from(q.message_count())),
+            Err(e) => {
+                // The broker closes the channel on a failed passive declare: open a fresh one next time.
+                self.amqp.lock().await.channel = None;
+                Err(match self.convert(e, Stage::Query) {
+                    Error::NotFound(_) => Error::NotFound(format!(
+                        "RabbitMQ queue `{queue}` does not exist in vhost `{}` ({})",
+                        self.target.vhost,
+                        self.target.redacted()
+                    )),
+                    other => other,
+                })
+            }
+        }
+    }
+
+    async fn unacked(&self, management: &Management, queue: &str) -> Result<u64> {
+        let url = management.queue_url(&self.target.vhost, queue);
+        let shown = management.base.as_str();
+        let hint = "set managementUrl to the management API (port 15672, plugin rabbitmq_management) or scaleOnInFlight: \"false\"";
+        let resp = self
+            .http
+            .get(url)
+            .basic_auth(&management.username, Some(management.password.expose()))
+            .send()
+            .await
+            .map_err(|e| {
+                let what = if e.is_timeout() { "did not answer in time" } else { "cannot be reached" };
+                let msg = format!(
+                    "RabbitMQ management API {shown} {what} ({}); it is needed to count in-flight tasks: {hint}",
+                    redact_urls(&without_url(&e))
+                );
+                if e.is_timeout() {
+                    Error::DeadlineExceeded(msg)
+                } else {
+                    Error::Unavailable(msg)
+                }
+            })?;
+        let status = resp.status();
+        let who = &management.username;
+        match status.as_u16() {
+            200 => {}
+            401 => {
+                return Err(Error::Unauthenticated(format!(
+                    "RabbitMQ management API {shown} refused user `{who}` (401): wrong credentials, or the user has neither the `monitoring` nor the `management` tag; or {hint}"
+                )))
+            }
+            403 => {
+                return Err(Error::PermissionDenied(format!(
+                    "RabbitMQ management API {shown}: user `{who}` may not read queue `{queue}` in vhost `{}` (403): it needs the `monitoring` tag and read access to the vhost",
+                    self.target.vhost
+                )))
+            }
+            404 => {
+                return Err(Error::NotFound(format!(
+                    "RabbitMQ queue `{queue}` does not exist in vhost `{}` (management API {shown})",
+                    self.target.vhost
+                )))
+            }
+            code => {
+                return Err(Error::Unavailable(format!(
+                    "RabbitMQ management API {shown} answered HTTP {code} for queue `{queue}`"
+                )))
+            }
+        }
+        let body: serde_json::Value = resp.json().await.map_err(|e| {
+            Error::Internal(format!(
+                "RabbitMQ management API {shown}: unreadable answer for queue `{queue}`: {}",
+                without_url(&e)
+            ))
+        })?;
+        // A queue whose statistics have not been emitted yet has no such field: nothing unacked.
+        Ok(body
+            .get("messages_unacknowledged")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0))
+    }
+}
+
+/// A reqwest error's text without the request URL (which has no credentials, but is noise).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), "");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text.replace(" ()", "").replace("  ", " ")
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
+        let Layout::RabbitMq(layout) = &query.layout else {
+            return Err(Error::Internal(
+                "RabbitMQ broker given a query for another broker".into(),
+            ));
+        };
+        // One after the other: a missing queue closes the channel, and its NOT_FOUND must be the
+        // error reported, not a closed-channel error of a concurrent declare.
+        let ready = async {
+            let mut counts = Vec::with_capacity(query.queues.len());
+            for q in &query.queues {
+                counts.push(self.ready(q).await?);
+            }
+            Ok::<_, Error>(counts)
+        };
+        let unacked = async {
+            if query.in_flight {
+                futures::future::try_join_all(
+                    query
+                        .queues
+                        .iter()
+                        .map(|q| self.unacked(&layout.management, q)),
+                )
+                .await
+            } else {
+                Ok(vec![0; query.queues.len()])
+            }
+        };
+        let (ready, unacked) = futures::future::try_join(ready, unacked).await?;
+        Ok(Depth {
+            queues: query
+                .queues
+                .iter()
+                .zip(ready.into_iter().zip(unacked))
+                .map(|(queue, (ready, in_flight))| QueueDepth {
+                    queue: queue.clone(),
+                    ready: vec![ReadyPart {
+                        source: format!("{queue} (messages ready)"),
+                        priority: None,
+                        count: ready,
+                    }],
+                    in_flight,
+                    running: 0,
+                })
+                .collect(),
+        })
+    }
+}

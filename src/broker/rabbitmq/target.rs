@@ -1,0 +1,290 @@
+//! RabbitMQ broker URLs as Celery accepts them (`amqp://`, `amqps://`, `pyamqp://`), and the
+//! management API endpoint derived from them or given by `managementUrl`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::secret::{redact_urls, Secret};
+
+/// Default management API port.
+pub const MANAGEMENT_PORT: u16 = 15672;
+
+/// TLS settings of an `amqps://` URL, from Celery-style query parameters.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct AmqpTls {
+    /// `ssl_ca_certs`: PEM file of trusted roots; the system roots when absent.
+    pub ca_certs: Option<PathBuf>,
+    /// `ssl_certfile` + `ssl_keyfile`: client certificate (PEM) for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// One AMQP connection: host, credentials, vhost, TLS. Equal targets share a connection.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RabbitTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: Secret,
+    /// The virtual host, decoded (`/` is the default vhost).
+    pub vhost: String,
+    pub tls: Option<AmqpTls>,
+}
+
+impl fmt::Debug for RabbitTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// The management HTTP API: base URL and credentials.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Management {
+    /// Base URL without credentials, ending in `/`.
+    pub base: Url,
+    pub username: String,
+    pub password: Secret,
+}
+
+impl fmt::Debug for Management {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (user {})", self.base, self.username)
+    }
+}
+
+fn decode(part: &str) -> String {
+    percent_decode_str(part).decode_utf8_lossy().into_owned()
+}
+
+impl RabbitTarget {
+    /// Parses a Celery AMQP broker URL from metadata key (or env var) `key`.
+    pub fn parse(key: &str, raw: &str) -> Result<Self> {
+        let shown = redact_urls(raw);
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{shown}`"));
+        if raw.contains(';') {
+            return Err(bad(
+                "several `;`-separated URLs (failover lists) are not supported: give one",
+            ));
+        }
+        let url = Url::parse(raw.trim()).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+        let tls = match url.scheme().to_ascii_lowercase().as_str() {
+            "amqp" | "pyamqp" => false,
+            "amqps" => true,
+            other => return Err(bad(&format!("`{other}://` is not an AMQP scheme"))),
+        };
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = url.port().unwrap_or(if tls { 5671 } else { 5672 });
+        // kombu: no user means guest/guest.
+        let username = Some(decode(url.username()))
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "guest".into());
+        let password = Secret::new(url.password().map(decode).unwrap_or_else(|| {
+            if url.username().is_empty() {
+                "guest".into()
+            } else {
+                String::new()
+            }
+        }));
+        // kombu: the path after the first `/` is the vhost, percent-decoded; empty means `/`.
+        let path = url.path();
+        let vhost = decode(path.strip_prefix('/').unwrap_or(path));
+        let vhost = if vhost.is_empty() {
+            "/".to_string()
+        } else {
+            vhost
+        };
+        let query: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let q = |name: &str| {
+            query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let tls = if tls {
+            let client_cert = match (q("ssl_certfile"), q("ssl_keyfile")) {
+                (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                (None, None) => None,
+                _ => return Err(bad("ssl_certfile and ssl_keyfile must be given together")),
+            };
+            Some(AmqpTls {
+                ca_certs: q("ssl_ca_certs").map(PathBuf::from),
+                client_cert,
+            })
+        } else {
+            None
+        };
+        Ok(RabbitTarget {
+            host,
+            port,
+            username,
+            password,
+            vhost,
+            tls,
+        })
+    }
+
+    /// A URL for people: the password is `***`.
+    pub fn redacted(&self) -> String {
+        let scheme = if self.tls.is_some() { "amqps" } else { "amqp" };
+        let vhost =
+            percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC);
+        format!(
+            "{scheme}://{}:***@{}:{}/{vhost}",
+            self.username, self.host, self.port
+        )
+    }
+
+    /// The management API derived from this URL: same host and credentials, `http://host:15672/`.
+    pub fn default_management(&self) -> Management {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        Management {
+            base: Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}/"))
+                .expect("a host from a parsed URL forms a URL"),
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
+    }
+}
+
+impl Management {
+    /// Parses `managementUrl`; credentials missing from it are taken from the AMQP URL.
+    pub fn parse(raw: &str, amqp: &RabbitTarget) -> Result<Self> {
+        let shown = redact_urls(raw);
+        let mut url = Url::parse(raw.trim()).map_err(|e| {
+            Error::invalid(
+                "managementUrl",
+                format!("not a valid URL ({e}) in `{shown}`"),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(Error::invalid(
+                "managementUrl",
+                format!("must be an http:// or https:// URL with a host, got `{shown}`"),
+            ));
+        }
+        let username = Some(decode(url.username())).filter(|u| !u.is_empty());
+        let password = url.password().map(decode);
+        let (username, password) = match (username, password) {
+            (Some(u), Some(p)) => (u, Secret::new(p)),
+            (Some(u), None) => (u, Secret::new("")),
+            _ => (amqp.username.clone(), amqp.password.clone()),
+        };
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.set_query(None);
+        url.set_fragment(None);
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        Ok(Management {
+            base: url,
+            username,
+            password,
+        })
+    }
+
+    /// `GET /api/queues/{vhost}/{name}` for one queue.
+    pub fn queue_url(&self, vhost: &str, queue: &str) -> Url {
+        let enc = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        let mut url = self
+            .base
+            .join(&format!("api/queues/{}/{}", enc(vhost), enc(queue)))
+            .expect("an encoded path joins a base URL");
+        url.set_query(Some("columns=name,messages_ready,messages_unacknowledged"));
+        url
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> RabbitTarget {
+        RabbitTarget::parse("brokerUrl", url).unwrap()
+    }
+
+    #[test]
+    fn celery_urls() {
+        let t = parse("amqp://guest:guest@localhost:5672//");
+        assert_eq!(
+            (t.host.as_str(), t.port, t.vhost.as_str()),
+            ("localhost", 5672, "/")
+        );
+        assert_eq!(parse("amqp://u:p@h/%2F").vhost, "/");
+        assert_eq!(parse("amqp://u:p@h/").vhost, "/");
+        assert_eq!(parse("amqp://u:p@h").vhost, "/");
+        assert_eq!(parse("pyamqp://u:p@h/orders").vhost, "orders");
+        assert_eq!(parse("amqp://u:p@h/a%2Fb").vhost, "a/b");
+        let t = parse("amqps://u:p%40ss@h/v?ssl_ca_certs=/ca.pem");
+        assert_eq!(t.port, 5671);
+        assert_eq!(t.password.expose(), "p@ss");
+        assert_eq!(t.tls.unwrap().ca_certs, Some(PathBuf::from("/ca.pem")));
+        let t = parse("amqp://");
+        assert_eq!(
+            (t.username.as_str(), t.password.expose()),
+            ("guest", "guest")
+        );
+        assert_eq!(
+            parse("amqp://u:secret@h:1/v").redacted(),
+            "amqp://u:***@h:1/v"
+        );
+        assert_eq!(
+            parse("amqp://u:secret@h:1//").redacted(),
+            "amqp://u:***@h:1/%2F"
+        );
+    }
+
+    #[test]
+    fn bad_urls_name_the_key() {
+        for url in [
+            "amqp://a;amqp://b",
+            "amqps://h/?ssl_certfile=/c",
+            "amqp://u:secret@h:notaport/",
+        ] {
+            let err = RabbitTarget::parse("brokerUrlFromEnv", url).unwrap_err();
+            assert!(err.to_string().contains("brokerUrlFromEnv"), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn management_endpoints() {
+        let t = parse("amqp://mon:pw@rabbit.svc:5672/prod");
+        let m = t.default_management();
+        assert_eq!(m.base.as_str(), "http://rabbit.svc:15672/");
+        assert_eq!((m.username.as_str(), m.password.expose()), ("mon", "pw"));
+        assert_eq!(
+            m.queue_url("/", "orders.high").as_str(),
+            "http://rabbit.svc:15672/api/queues/%2F/orders%2Ehigh?columns=name,messages_ready,messages_unacknowledged"
+        );
+        let m = Management::parse("https://ops:x@mgmt.example/rabbitmq", &t).unwrap();
+        assert_eq!(m.base.as_str(), "https://mgmt.example/rabbitmq/");
+        assert_eq!(m.username, "ops");
+        assert!(m
+            .queue_url("prod", "q")
+            .as_str()
+            .starts_with("https://mgmt.example/rabbitmq/api/queues/prod/q"));
+        let m = Management::parse("http://mgmt:15672", &t).unwrap();
+        assert_eq!((m.username.as_str(), m.password.expose()), ("mon", "pw"));
+        assert!(Management::parse("ftp://x", &t).is_err());
+        assert!(format!("{m:?}").contains("mon") && !format!("{m:?}").contains("pw"));
+    }
+}

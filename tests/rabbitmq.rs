@@ -1,0 +1,397 @@
+//! RabbitMQ suite: real RabbitMQ with the management plugin, each test in its own vhost, tasks
+//! published by real Celery and reserved by real Celery workers; numbers checked over real gRPC.
+//!
+//! Ready counts come from AMQP at once; `messages_unacknowledged` comes from the management
+//! API, whose statistics RabbitMQ refreshes every few seconds, so in-flight checks first wait
+//! (bounded) for the statistics to catch up with the state the test created.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn m(url: &str, queues: &str, in_flight: bool) -> HashMap<String, String> {
+    meta(&[
+        ("brokerUrl", url),
+        ("queues", queues),
+        ("scaleOnInFlight", if in_flight { "true" } else { "false" }),
+        ("scaleOnRunning", "false"),
+    ])
+}
+
+/// Waits until the scaler reports `expected` for `m` (statistics catching up), then returns.
+async fn settle(scaler: &Scaler, m: &HashMap<String, String>, expected: i64) {
+    let client = scaler.client().await;
+    wait_for(
+        &format!("depth {expected} for {:?}", m.get("queues")),
+        SETTLE,
+        || {
+            let mut client = client.clone();
+            let m = m.clone();
+            async move { (depth(&mut client, &m).await.ok()? == expected).then_some(()) }
+        },
+    )
+    .await;
+}
+
+async fn wait_started(marker: &str, n: i64) {
+    let url = redis_url();
+    let conn = raw_redis(&url).await;
+    wait_for(&format!("{n} tasks started"), SETTLE, || {
+        let mut conn = conn.clone();
+        async move {
+            let v: Option<i64> = redis::cmd("GET")
+                .arg(marker)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (v == Some(n)).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_queue_and_several_queues() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let conf = CeleryConf::new(&url);
+    assert_eq!(conf.publish("celery", &["--count", "7"]), 7);
+    conf.publish("emails", &["--count", "4"]);
+    conf.publish("reports", &["--count", "2"]);
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    // No `queues`: Celery's default queue.
+    let dflt = meta(&[("brokerUrl", &url)]);
+    assert_eq!(depth(&mut client, &dflt).await.unwrap(), 7);
+    assert!(active(&mut client, &dflt).await.unwrap());
+    assert_eq!(
+        depth(&mut client, &m(&url, "celery,emails", true))
+            .await
+            .unwrap(),
+        11
+    );
+    assert_eq!(
+        depth(&mut client, &m(&url, "reports", false))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        depth(&mut client, &m(&url, "celery,emails,reports", false))
+            .await
+            .unwrap(),
+        13
+    );
+    let high = meta(&[
+        ("brokerUrl", &url),
+        ("queues", "reports"),
+        ("activationQueueLength", "2"),
+    ]);
+    assert!(!active(&mut client, &high).await.unwrap(), "2 is not > 2");
+
+    // The `vhost` key overrides the URL's vhost.
+    let base = format!("amqp://guest:guest@{}:{}//", vhost.host, vhost.port);
+    let over = meta(&[
+        ("brokerUrl", &base),
+        ("vhost", &vhost.name),
+        ("queues", "emails"),
+    ]);
+    assert_eq!(depth(&mut client, &over).await.unwrap(), 4);
+    vhost.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_queue_is_one_queue() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let mut conf = CeleryConf::new(&url);
+    conf.queue_args = Some(r#"{"prio": {"x-max-priority": 10}}"#.into());
+    assert_eq!(
+        conf.publish("prio", &["--count", "3", "--priorities", "0-9"]),
+        30
+    );
+    let info = vhost.queue("prio").await.expect("queue exists");
+    assert_eq!(info["arguments"]["x-max-priority"], 10, "{info}");
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    assert_eq!(
+        depth(&mut client, &m(&url, "prio", true)).await.unwrap(),
+        30
+    );
+    vhost.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queue_with_confirmed_publishing() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let mut conf = CeleryConf::new(&url);
+    conf.queue_args = Some(r#"{"orders": {"x-queue-type": "quorum"}}"#.into());
+    conf.confirm_publish = true;
+    assert_eq!(conf.publish("orders", &["--count", "9"]), 9);
+    let info = vhost.queue("orders").await.expect("queue exists");
+    assert_eq!(info["type"], "quorum", "{info}");
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    assert_eq!(
+        depth(&mut client, &m(&url, "orders", false)).await.unwrap(),
+        9
+    );
+    assert_eq!(
+        depth(&mut client, &m(&url, "orders", true)).await.unwrap(),
+        9
+    );
+    vhost.delete().await;
+}
+
+/// Early ack: 2 running (acknowledged), 2 reserved (unacknowledged), 6 ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_with_early_ack() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let marker = unique("started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(redis_url());
+    conf.prefetch = Some(1);
+    conf.publish(
+        "work",
+        &["--count", "10", "--seconds", "120", "--marker", &marker],
+    );
+    conf.publish("other", &["--count", "3"]);
+    let worker = conf.worker(&["work"], 2);
+    wait_started(&marker, 2).await;
+
+    let scaler = Scaler::start().await;
+    settle(&scaler, &m(&url, "work", false), 6).await;
+    settle(&scaler, &m(&url, "work", true), 8).await;
+    let mut client = scaler.client().await;
+    assert_eq!(
+        depth(&mut client, &m(&url, "work", false)).await.unwrap(),
+        6
+    );
+    assert_eq!(depth(&mut client, &m(&url, "work", true)).await.unwrap(), 8);
+    assert_eq!(
+        depth(&mut client, &m(&url, "other", true)).await.unwrap(),
+        3
+    );
+    assert_eq!(
+        depth(&mut client, &m(&url, "work,other", true))
+            .await
+            .unwrap(),
+        11
+    );
+    assert!(active(&mut client, &m(&url, "work", false)).await.unwrap());
+    drop(worker);
+    vhost.delete().await;
+}
+
+/// acks_late: both running tasks stay unacknowledged; nothing else reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_with_acks_late() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let marker = unique("started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(redis_url());
+    conf.prefetch = Some(1);
+    conf.acks_late = true;
+    conf.publish(
+        "late",
+        &["--count", "10", "--seconds", "120", "--marker", &marker],
+    );
+    let worker = conf.worker(&["late"], 2);
+    wait_started(&marker, 2).await;
+
+    let scaler = Scaler::start().await;
+    settle(&scaler, &m(&url, "late", false), 8).await;
+    settle(&scaler, &m(&url, "late", true), 10).await;
+    let mut client = scaler.client().await;
+    assert_eq!(
+        depth(&mut client, &m(&url, "late", false)).await.unwrap(),
+        8
+    );
+    assert_eq!(
+        depth(&mut client, &m(&url, "late", true)).await.unwrap(),
+        10
+    );
+    drop(worker);
+    vhost.delete().await;
+}
+
+/// Countdown tasks are held unacknowledged by the worker until their ETA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eta_tasks_held_by_a_worker() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let conf = CeleryConf::new(&url);
+    conf.publish("eta", &["--count", "5", "--countdown", "600"]);
+    let worker = conf.worker(&["eta"], 1);
+
+    let scaler = Scaler::start().await;
+    settle(&scaler, &m(&url, "eta", false), 0).await;
+    settle(&scaler, &m(&url, "eta", true), 5).await;
+    let mut client = scaler.client().await;
+    assert_eq!(depth(&mut client, &m(&url, "eta", true)).await.unwrap(), 5);
+    assert!(active(&mut client, &m(&url, "eta", true)).await.unwrap());
+    assert_eq!(depth(&mut client, &m(&url, "eta", false)).await.unwrap(), 0);
+    assert!(!active(&mut client, &m(&url, "eta", false)).await.unwrap());
+    drop(worker);
+    vhost.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_missing_queue_wrong_password_unreachable_management() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    CeleryConf::new(&url).publish("present", &["--count", "1"]);
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+
+    for in_flight in [false, true] {
+        let err = depth(&mut client, &m(&url, "present,absent", in_flight))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        assert!(
+            err.message().contains("`absent`") && err.message().contains(&vhost.name),
+            "{}",
+            err.message()
+        );
+    }
+    // The channel closed by the failed declare is replaced: the next reading works.
+    assert_eq!(
+        depth(&mut client, &m(&url, "present", false))
+            .await
+            .unwrap(),
+        1
+    );
+
+    let wrong = format!(
+        "amqp://guest:Wr0ngPass@{}:{}/{}",
+        vhost.host, vhost.port, vhost.name
+    );
+    for in_flight in [false, true] {
+        let err = depth(&mut client, &m(&wrong, "present", in_flight))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
+            "{err:?}"
+        );
+        assert!(!err.message().contains("Wr0ngPass"), "{}", err.message());
+    }
+
+    let closed = free_port();
+    let unreachable = meta(&[
+        ("brokerUrl", &url),
+        ("queues", "present"),
+        ("managementUrl", &format!("http://127.0.0.1:{closed}")),
+    ]);
+    let err = depth(&mut client, &unreachable).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("managementUrl") && err.message().contains("scaleOnInFlight"),
+        "{}",
+        err.message()
+    );
+    // Without in-flight counting the management API is not needed.
+    let mut no_mgmt = unreachable.clone();
+    no_mgmt.insert("scaleOnInFlight".into(), "false".into());
+    assert_eq!(depth(&mut client, &no_mgmt).await.unwrap(), 1);
+    vhost.delete().await;
+}
+
+/// The broker goes away mid-test (its port closes, connections are cut) and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stopped_mid_test_is_an_error_then_recovers() {
+    let vhost = Vhost::create().await;
+    CeleryConf::new(&vhost.url()).publish("q", &["--count", "3"]);
+    let mut proxy = Proxy::start(vhost.port).await;
+    let url = vhost.url_via(proxy.port);
+    let settings = celery_keda_scaler::server::ServeSettings {
+        deadline: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let scaler = Scaler::start_with(Default::default(), settings).await;
+    let mut client = scaler.client().await;
+    let q = m(&url, "q", false);
+    assert_eq!(depth(&mut client, &q).await.unwrap(), 3);
+
+    proxy.stop();
+    for _ in 0..3 {
+        let err = tokio::time::timeout(Duration::from_secs(10), depth(&mut client, &q))
+            .await
+            .expect("no hang")
+            .unwrap_err();
+        assert!(
+            matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{err:?}"
+        );
+        let err = active(&mut client, &q).await.unwrap_err();
+        assert!(
+            matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{err:?}"
+        );
+    }
+
+    proxy.resume().await;
+    wait_for(
+        "recovery after the broker returns",
+        Duration::from_secs(15),
+        || {
+            let mut client = client.clone();
+            let q = q.clone();
+            async move { depth(&mut client, &q).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(depth(&mut client, &q).await.unwrap(), 3);
+    vhost.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_pushes_on_rabbitmq() {
+    use tokio_stream::StreamExt;
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    vhost.declare("push").await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mq = m(&url, "push", true);
+    let mut stream = client
+        .stream_is_active(object_ref(&mq))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), stream.next())
+            .await
+            .is_err(),
+        "empty: no push"
+    );
+
+    CeleryConf::new(&url).publish("push", &["--count", "1"]);
+    let published = std::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("pushed");
+    assert!(first.unwrap().unwrap().result);
+    let latency = published.elapsed();
+    assert!(latency < Duration::from_secs(1), "pushed after {latency:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), stream.next())
+            .await
+            .is_err(),
+        "not repeated"
+    );
+    vhost.delete().await;
+}
