@@ -15,20 +15,33 @@ use crate::scaler::Core;
 /// The latest reading of a shared poll: `None` until the first one completes.
 pub type Reading = Option<Result<u64, Error>>;
 
+/// How often shared polls read, per broker kind.
+#[derive(Clone, Copy, Debug)]
+pub struct PollIntervals {
+    /// Redis and RabbitMQ: cheap reads, so a short interval for fast activation.
+    pub default: Duration,
+    /// SQS: every `GetQueueAttributes` is a billed request.
+    pub sqs: Duration,
+}
+
 /// Runs and shares the polls.
 pub struct Hub {
     core: Arc<Core>,
-    interval: Duration,
+    intervals: PollIntervals,
     shutdown: CancellationToken,
     polls: Mutex<HashMap<DepthQuery, Arc<watch::Sender<Reading>>>>,
 }
 
 impl Hub {
-    /// A hub polling every `interval`, stopping all polls when `shutdown` is cancelled.
-    pub fn new(core: Arc<Core>, interval: Duration, shutdown: CancellationToken) -> Arc<Self> {
+    /// A hub polling at `intervals`, stopping all polls when `shutdown` is cancelled.
+    pub fn new(
+        core: Arc<Core>,
+        intervals: PollIntervals,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Hub {
             core,
-            interval,
+            intervals,
             shutdown,
             polls: Mutex::new(HashMap::new()),
         })
@@ -56,6 +69,10 @@ impl Hub {
     }
 
     async fn poll(self: Arc<Self>, query: DepthQuery, sender: Arc<watch::Sender<Reading>>) {
+        let interval = match query.target {
+            crate::broker::BrokerTarget::Sqs(_) => self.intervals.sqs,
+            _ => self.intervals.default,
+        };
         loop {
             let reading = tokio::select! {
                 r = self.core.read(&query) => r.map(|d| d.total()),
@@ -66,7 +83,7 @@ impl Hub {
                 sender.send_replace(Some(reading));
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(interval) => {}
                 _ = sender.closed() => {}
                 _ = self.shutdown.cancelled() => break,
             }

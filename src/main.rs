@@ -56,6 +56,9 @@ struct ServeArgs {
     /// How often a shared StreamIsActive poll reads its queues.
     #[arg(long, env = "CELERY_KEDA_STREAM_POLL_INTERVAL", value_parser = parse_duration, default_value = "200ms")]
     stream_poll_interval: Duration,
+    /// How often a shared StreamIsActive poll reads SQS queues (each read is a billed request).
+    #[arg(long, env = "CELERY_KEDA_SQS_STREAM_POLL_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    sqs_stream_poll_interval: Duration,
     /// How long in-flight RPCs may take to finish after SIGTERM.
     #[arg(long, env = "CELERY_KEDA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -158,6 +161,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
     let settings = ServeSettings {
         deadline: args.common.deadline,
         stream_poll_interval: args.stream_poll_interval,
+        sqs_stream_poll_interval: args.sqs_stream_poll_interval,
         shutdown_grace: args.shutdown_grace,
         max_concurrent_streams: args.max_concurrent_streams,
     };

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::broker::rabbitmq::{Management, RabbitLayout};
 use crate::broker::redis::{unescape, RedisAddr, RedisLayout, DEFAULT_PRIORITY_STEPS};
+use crate::broker::sqs;
 use crate::broker::{BrokerTarget, DepthQuery, Layout};
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -180,6 +181,19 @@ pub fn parse(meta: &HashMap<String, String>, env: &BrokerEnv) -> Result<Trigger>
             (
                 BrokerTarget::RabbitMq(t),
                 Layout::RabbitMq(RabbitLayout { management }),
+            )
+        }
+        BrokerTarget::Sqs(mut t) => {
+            if let Some(region) = get("awsRegion") {
+                t.region = Some(sqs::parse_region(region)?);
+            }
+            if let Some(endpoint) = get("awsEndpoint") {
+                t.endpoint = Some(sqs::parse_endpoint(endpoint)?);
+            }
+            let queue_name_prefix = meta.get("queueNamePrefix").cloned().unwrap_or_default();
+            (
+                BrokerTarget::Sqs(t),
+                Layout::Sqs(sqs::SqsLayout { queue_name_prefix }),
             )
         }
     };

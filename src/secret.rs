@@ -41,12 +41,19 @@ pub fn redact_urls(text: &str) -> String {
     while let Some(pos) = rest.find("://") {
         let (head, tail) = rest.split_at(pos + 3);
         out.push_str(head);
-        // The authority ends at the first '/', '?', '#', whitespace, ';' or quote.
-        let end = tail
-            .find(|c: char| {
-                matches!(c, '/' | '?' | '#' | ';' | '"' | '\'' | '`') || c.is_whitespace()
-            })
+        // The URL ends at whitespace, `;` or a quote. Its authority normally ends at the first
+        // `/`, `?` or `#`, but an unencoded secret may contain those: when an `@` follows within
+        // the URL, everything before the last such `@` is treated as user info (over-redacting a
+        // path that contains `@` is harmless; leaking a secret is not).
+        let url_end = tail
+            .find(|c: char| matches!(c, ';' | '"' | '\'' | '`') || c.is_whitespace())
             .unwrap_or(tail.len());
+        let end = match tail[..url_end].rfind('@') {
+            Some(at) => tail[at..url_end]
+                .find(['/', '?', '#'])
+                .map_or(url_end, |i| at + i),
+            None => tail[..url_end].find(['/', '?', '#']).unwrap_or(url_end),
+        };
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(at) => {
@@ -98,6 +105,15 @@ mod tests {
         );
         assert_eq!(redact_urls("redis://host:6379"), "redis://host:6379");
         assert_eq!(redact_urls("no url"), "no url");
+    }
+
+    #[test]
+    fn redacts_unencoded_secrets_with_slashes() {
+        assert_eq!(redact_urls("sqs://KEY:top/sec+ret@"), "sqs://KEY:***@");
+        assert_eq!(
+            redact_urls("sqs://KEY:a/b@host:1/x"),
+            "sqs://KEY:***@host:1/x"
+        );
     }
 
     #[test]

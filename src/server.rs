@@ -13,7 +13,7 @@ use tonic::transport::Server;
 
 use crate::admin::{self, AdminState};
 use crate::grpc::Service;
-use crate::hub::Hub;
+use crate::hub::{Hub, PollIntervals};
 use crate::metadata::BrokerEnv;
 use crate::metrics::Metrics;
 use crate::proto::external_scaler_server::ExternalScalerServer;
@@ -24,8 +24,10 @@ use crate::scaler::{Core, CoreSettings};
 pub struct ServeSettings {
     /// Upper bound on one depth reading.
     pub deadline: Duration,
-    /// How often a shared stream poll reads its queues.
+    /// How often a shared stream poll reads its queues (Redis, RabbitMQ).
     pub stream_poll_interval: Duration,
+    /// The same for SQS, where every read is a billed request.
+    pub sqs_stream_poll_interval: Duration,
     /// How long in-flight RPCs may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
     /// HTTP/2 concurrent streams per connection: KEDA multiplexes every trigger on one.
@@ -37,6 +39,7 @@ impl Default for ServeSettings {
         ServeSettings {
             deadline: Duration::from_millis(2500),
             stream_poll_interval: Duration::from_millis(200),
+            sqs_stream_poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_streams: 16_384,
         }
@@ -73,7 +76,11 @@ pub async fn serve(
         metrics.clone(),
     ));
     let token = CancellationToken::new();
-    let hub = Hub::new(core.clone(), settings.stream_poll_interval, token.clone());
+    let intervals = PollIntervals {
+        default: settings.stream_poll_interval,
+        sqs: settings.sqs_stream_poll_interval,
+    };
+    let hub = Hub::new(core.clone(), intervals, token.clone());
     let service = Service::new(core, hub, token.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -3,6 +3,7 @@
 
 pub mod rabbitmq;
 pub mod redis;
+pub mod sqs;
 pub mod url;
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ pub enum Layout {
     Redis(RedisLayout),
     /// RabbitMQ: where the management API is.
     RabbitMq(rabbitmq::RabbitLayout),
+    /// SQS: kombu's queue name prefix.
+    Sqs(sqs::SqsLayout),
 }
 
 /// Ready messages in one list or queue (for Redis: one priority step).
@@ -126,6 +129,7 @@ impl Registry {
             BrokerTarget::RabbitMq(t) => {
                 Arc::new(rabbitmq::RabbitBroker::new(t.clone(), &self.settings)?)
             }
+            BrokerTarget::Sqs(t) => Arc::new(sqs::SqsBroker::new(t.clone(), &self.settings)?),
         };
         clients.insert(target.clone(), client.clone());
         Ok(client)

@@ -4,6 +4,7 @@
 
 use super::rabbitmq::RabbitTarget;
 use super::redis::RedisTarget;
+use super::sqs::SqsTarget;
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
 
@@ -17,6 +18,8 @@ pub enum BrokerTarget {
     Redis(RedisTarget),
     /// A RabbitMQ virtual host.
     RabbitMq(RabbitTarget),
+    /// Amazon SQS (or a compatible endpoint) in one region with one set of credentials.
+    Sqs(SqsTarget),
 }
 
 impl BrokerTarget {
@@ -45,16 +48,11 @@ impl BrokerTarget {
                 RedisTarget::parse(key, url).map(BrokerTarget::Redis)
             }
             "amqp" | "amqps" | "pyamqp" => RabbitTarget::parse(key, url).map(BrokerTarget::RabbitMq),
-            "sqs" => Err(Error::invalid(
-                key,
-                format!(
-                    "{scheme}:// brokers are not supported by this version yet (supported: redis://, rediss://, redis+socket://, sentinel://, amqp://, amqps://, pyamqp://)"
-                ),
-            )),
+            "sqs" => SqsTarget::parse(key, url).map(BrokerTarget::Sqs),
             other => Err(Error::invalid(
                 key,
                 format!(
-                    "unsupported broker scheme `{other}://` in `{}` (supported: redis://, rediss://, redis+socket://, sentinel://, amqp://, amqps://, pyamqp://)",
+                    "unsupported broker scheme `{other}://` in `{}` (supported: redis://, rediss://, redis+socket://, sentinel://, amqp://, amqps://, pyamqp://, sqs://)",
                     redact_urls(url)
                 ),
             )),
@@ -66,6 +64,7 @@ impl BrokerTarget {
         match self {
             BrokerTarget::Redis(_) => "redis",
             BrokerTarget::RabbitMq(_) => "rabbitmq",
+            BrokerTarget::Sqs(_) => "sqs",
         }
     }
 
@@ -74,6 +73,7 @@ impl BrokerTarget {
         match self {
             BrokerTarget::Redis(t) => t.redacted(),
             BrokerTarget::RabbitMq(t) => t.redacted(),
+            BrokerTarget::Sqs(t) => t.redacted(),
         }
     }
 }

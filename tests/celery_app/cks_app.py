@@ -10,6 +10,8 @@ Configured from the environment so one file serves every scenario:
 - CKS_QUEUE_ARGS: JSON {queue: {argument: value}} declaring queues with arguments
   (RabbitMQ `x-max-priority`, `x-queue-type: quorum`).
 - CKS_CONFIRM_PUBLISH ("1"): the `confirm_publish` transport option (RabbitMQ).
+- CKS_QUEUE_NAME_PREFIX: the `queue_name_prefix` transport option (SQS). An sqs:// broker also
+  gets `region: us-east-1` and `is_secure: False` (the local moto server speaks plain HTTP).
 """
 
 import json
@@ -32,6 +34,10 @@ if os.environ.get("CKS_SEP"):
     transport_options["sep"] = os.environ["CKS_SEP"]
 if os.environ.get("CKS_CONFIRM_PUBLISH") == "1":
     transport_options["confirm_publish"] = True
+if os.environ["CKS_BROKER"].startswith("sqs://"):
+    transport_options["region"] = "us-east-1"
+    transport_options["is_secure"] = False
+    transport_options["queue_name_prefix"] = os.environ.get("CKS_QUEUE_NAME_PREFIX", "")
 if os.environ.get("CKS_MASTER_NAME"):
     transport_options["master_name"] = os.environ["CKS_MASTER_NAME"]
 

@@ -350,6 +350,8 @@ pub struct CeleryConf {
     /// JSON {queue: {argument: value}} (RabbitMQ queue arguments).
     pub queue_args: Option<String>,
     pub confirm_publish: bool,
+    /// kombu's SQS `queue_name_prefix`.
+    pub queue_name_prefix: Option<String>,
 }
 
 impl CeleryConf {
@@ -377,6 +379,7 @@ impl CeleryConf {
         opt(cmd, "CKS_MARKER_REDIS", &self.marker_redis);
         opt(cmd, "CKS_MASTER_NAME", &self.master_name);
         opt(cmd, "CKS_QUEUE_ARGS", &self.queue_args);
+        opt(cmd, "CKS_QUEUE_NAME_PREFIX", &self.queue_name_prefix);
         cmd.env(
             "CKS_CONFIRM_PUBLISH",
             if self.confirm_publish { "1" } else { "0" },
@@ -727,4 +730,66 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+// ---------------------------------------------------------------- SQS
+
+/// The suite's SQS-compatible endpoint (`CKS_SQS_ENDPOINT`, a moto server), checked to answer.
+pub fn sqs_endpoint() -> (String, u16) {
+    let endpoint = std::env::var("CKS_SQS_ENDPOINT").unwrap_or_else(|_| {
+        panic!("CKS_SQS_ENDPOINT is not set: run the suite with scripts/test.sh, which starts a moto server")
+    });
+    let url = url::Url::parse(&endpoint).expect("CKS_SQS_ENDPOINT is a URL");
+    let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+    let port = url.port().unwrap_or(80);
+    std::net::TcpStream::connect((host.as_str(), port))
+        .unwrap_or_else(|e| panic!("no SQS server at {endpoint} ({e}): run scripts/test.sh"));
+    (host, port)
+}
+
+/// `sqs://testing:testing@host:port`, as Celery (kombu) spells a local endpoint.
+pub fn sqs_broker_url() -> String {
+    let (host, port) = sqs_endpoint();
+    format!("sqs://testing:testing@{host}:{port}")
+}
+
+/// A raw SQS client for checking the server's own attributes.
+pub async fn raw_sqs() -> aws_sdk_sqs::Client {
+    let (host, port) = sqs_endpoint();
+    let conf = aws_sdk_sqs::Config::builder()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .endpoint_url(format!("http://{host}:{port}"))
+        .build();
+    aws_sdk_sqs::Client::from_conf(conf)
+}
+
+/// (ApproximateNumberOfMessages, ApproximateNumberOfMessagesNotVisible) of an SQS queue.
+pub async fn sqs_attributes(sqs_name: &str) -> (u64, u64) {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let client = raw_sqs().await;
+    let url = client
+        .get_queue_url()
+        .queue_name(sqs_name)
+        .send()
+        .await
+        .unwrap();
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url.queue_url().unwrap())
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .unwrap();
+    let a = out.attributes().unwrap();
+    (
+        a[&A::ApproximateNumberOfMessages].parse().unwrap(),
+        a[&A::ApproximateNumberOfMessagesNotVisible]
+            .parse()
+            .unwrap(),
+    )
 }

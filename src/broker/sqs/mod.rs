@@ -1,0 +1,250 @@
+//! The Amazon SQS backend: `GetQueueAttributes` (approximate visible and not-visible counts) for
+//! kombu's SQS queue names, one client per distinct region, endpoint and credentials, queue URLs
+//! resolved once and cached.
+
+mod target;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::QueueAttributeName;
+use aws_sdk_sqs::Client;
+use tokio::sync::OnceCell;
+
+pub use target::{parse_endpoint, parse_region, sqs_queue_name, SqsTarget};
+
+use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
+use crate::error::{Error, Result};
+use crate::secret::redact_urls;
+
+/// Region used when neither `awsRegion` nor the scaler's environment names one.
+pub const DEFAULT_REGION: &str = "us-east-1";
+
+/// Trigger options for SQS.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default)]
+pub struct SqsLayout {
+    /// kombu's `queue_name_prefix`.
+    pub queue_name_prefix: String,
+}
+
+/// An SQS client shared by every trigger naming the same [`SqsTarget`].
+pub struct SqsBroker {
+    target: SqsTarget,
+    timeout: Duration,
+    client: OnceCell<Client>,
+    /// SQS queue name -> queue URL.
+    urls: Mutex<HashMap<String, String>>,
+}
+
+impl SqsBroker {
+    /// Builds the broker; the AWS client itself is built on first use.
+    pub fn new(target: SqsTarget, settings: &ClientSettings) -> Result<Self> {
+        Ok(SqsBroker {
+            target,
+            timeout: settings.timeout,
+            client: OnceCell::new(),
+            urls: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn region(&self) -> String {
+        self.target
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
+            .or_else(|| {
+                std::env::var("AWS_DEFAULT_REGION")
+                    .ok()
+                    .filter(|r| !r.is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_REGION.to_string())
+    }
+
+    async fn client(&self) -> &Client {
+        self.client
+            .get_or_init(|| async {
+                let timeouts = aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(self.timeout)
+                    .operation_timeout(self.timeout)
+                    .build();
+                let retry =
+                    aws_sdk_sqs::config::retry::RetryConfig::standard().with_max_attempts(2);
+                let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                    .region(Region::new(self.region()))
+                    .timeout_config(timeouts)
+                    .retry_config(retry);
+                if let Some((id, secret)) = &self.target.access_key {
+                    loader = loader.credentials_provider(Credentials::new(
+                        id.clone(),
+                        secret.expose().to_string(),
+                        None,
+                        None,
+                        "celery-keda-scaler broker URL",
+                    ));
+                }
+                if let Some(endpoint) = &self.target.endpoint {
+                    loader = loader.endpoint_url(endpoint.clone());
+                }
+                Client::new(&loader.load().await)
+            })
+            .await
+    }
+
+    fn convert<E, R>(&self, err: SdkError<E, R>, celery: &str, sqs: &str) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let mut text = redact_urls(&DisplayErrorContext(&err).to_string());
+        if let Some((_, secret)) = &self.target.access_key {
+            if !secret.expose().is_empty() {
+                text = text.replace(secret.expose(), "***");
+            }
+        }
+        let msg = format!(
+            "SQS {}: queue `{sqs}` (Celery queue `{celery}`): {text}",
+            self.target.redacted()
+        );
+        match &err {
+            SdkError::TimeoutError(_) => Error::DeadlineExceeded(msg),
+            SdkError::DispatchFailure(f) if f.is_timeout() => Error::DeadlineExceeded(msg),
+            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+                if text.contains("credentials") {
+                    Error::Unauthenticated(msg)
+                } else {
+                    Error::Unavailable(msg)
+                }
+            }
+            SdkError::ServiceError(service) => match service.err().code().unwrap_or_default() {
+                "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => {
+                    Error::NotFound(format!(
+                        "SQS queue `{sqs}` (Celery queue `{celery}`) does not exist ({})",
+                        self.target.redacted()
+                    ))
+                }
+                "InvalidClientTokenId"
+                | "UnrecognizedClientException"
+                | "SignatureDoesNotMatch"
+                | "InvalidSignatureException"
+                | "MissingAuthenticationToken"
+                | "ExpiredToken"
+                | "IncompleteSignature" => Error::Unauthenticated(msg),
+                "AccessDenied" | "AccessDeniedException" | "AuthorizationError" => {
+                    Error::PermissionDenied(msg)
+                }
+                "Throttling"
+                | "ThrottlingException"
+                | "RequestThrottled"
+                | "ServiceUnavailable" => Error::Unavailable(msg),
+                _ => Error::Internal(msg),
+            },
+            _ => Error::Internal(msg),
+        }
+    }
+
+    async fn queue_url(&self, celery: &str, sqs: &str) -> Result<String> {
+        if let Some(url) = self.urls.lock().unwrap_or_else(|e| e.into_inner()).get(sqs) {
+            return Ok(url.clone());
+        }
+        let out = self
+            .client()
+            .await
+            .get_queue_url()
+            .queue_name(sqs)
+            .send()
+            .await
+            .map_err(|e| self.convert(e, celery, sqs))?;
+        let url = out
+            .queue_url()
+            .ok_or_else(|| Error::Internal(format!("SQS returned no URL for queue `{sqs}`")))?
+            .to_string();
+        self.urls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sqs.to_string(), url.clone());
+        Ok(url)
+    }
+
+    async fn read(&self, prefix: &str, celery: &str, in_flight: bool) -> Result<QueueDepth> {
+        let sqs = sqs_queue_name(prefix, celery);
+        let url = self.queue_url(celery, &sqs).await?;
+        let mut request = self
+            .client()
+            .await
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages);
+        if in_flight {
+            request =
+                request.attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        }
+        let out = match request.send().await {
+            Ok(out) => out,
+            Err(e) => {
+                let err = self.convert(e, celery, &sqs);
+                if matches!(err, Error::NotFound(_)) {
+                    // Deleted (or recreated under a new URL): resolve it again next time.
+                    self.urls
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&sqs);
+                }
+                return Err(err);
+            }
+        };
+        let attrs = out.attributes();
+        let number = |name: QueueAttributeName| -> Result<u64> {
+            let raw = attrs.and_then(|a| a.get(&name)).ok_or_else(|| {
+                Error::Internal(format!(
+                    "SQS returned no {} for queue `{sqs}`",
+                    name.as_str()
+                ))
+            })?;
+            raw.parse().map_err(|_| {
+                Error::Internal(format!(
+                    "SQS returned {} = `{raw}` for queue `{sqs}`",
+                    name.as_str()
+                ))
+            })
+        };
+        let ready = number(QueueAttributeName::ApproximateNumberOfMessages)?;
+        let not_visible = if in_flight {
+            number(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?
+        } else {
+            0
+        };
+        Ok(QueueDepth {
+            queue: celery.to_string(),
+            ready: vec![ReadyPart {
+                source: format!("{sqs} (ApproximateNumberOfMessages)"),
+                priority: None,
+                count: ready,
+            }],
+            in_flight: not_visible,
+            running: 0,
+        })
+    }
+}
+
+#[async_trait]
+impl Broker for SqsBroker {
+    async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
+        let Layout::Sqs(layout) = &query.layout else {
+            return Err(Error::Internal(
+                "SQS broker given a query for another broker".into(),
+            ));
+        };
+        let queues = futures::future::try_join_all(
+            query
+                .queues
+                .iter()
+                .map(|q| self.read(&layout.queue_name_prefix, q, query.in_flight)),
+        )
+        .await?;
+        Ok(Depth { queues })
+    }
+}

@@ -1,0 +1,206 @@
+//! Amazon SQS broker URLs as Celery accepts them (`sqs://`, `sqs://KEY:SECRET@`, `sqs://host:port`),
+//! and kombu's translation of Celery queue names into SQS queue names.
+
+use std::fmt;
+
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::secret::{redact_urls, Secret};
+
+/// One SQS client: region, endpoint and credentials. Equal targets share a client.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SqsTarget {
+    /// `awsRegion`; `None` means the scaler's `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// `awsEndpoint`, or `http://host:port` from the URL (as kombu builds it); `None` is AWS.
+    pub endpoint: Option<String>,
+    /// Static credentials from the URL; `None` means the AWS default credential chain
+    /// (environment, web identity / IRSA, ECS, instance profile).
+    pub access_key: Option<(String, Secret)>,
+}
+
+impl fmt::Debug for SqsTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+fn decode(part: &str) -> String {
+    percent_decode_str(part).decode_utf8_lossy().into_owned()
+}
+
+impl SqsTarget {
+    /// Parses a Celery SQS broker URL from metadata key (or env var) `key`.
+    pub fn parse(key: &str, raw: &str) -> Result<Self> {
+        let shown = redact_urls(raw);
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{shown}`"));
+        // Celery spells "credentials, AWS endpoint" as `sqs://KEY:SECRET@` (no host), which a URL
+        // parser rejects: give it a placeholder host and drop it again below.
+        const NO_HOST: &str = "no-host.invalid";
+        let trimmed = raw.trim();
+        let authority_end = trimmed
+            .strip_prefix("sqs://")
+            .or_else(|| trimmed.strip_prefix("SQS://"))
+            .map(|rest| rest.find(['/', '?', '#']).unwrap_or(rest.len()) + "sqs://".len());
+        let text = match authority_end {
+            Some(end) if trimmed[..end].ends_with('@') => {
+                format!("{}{NO_HOST}{}", &trimmed[..end], &trimmed[end..])
+            }
+            _ => trimmed.to_string(),
+        };
+        let url = Url::parse(&text).map_err(|e| {
+            bad(&format!(
+                "not a valid URL ({e}); URL-encode `/` and `+` in secret keys"
+            ))
+        })?;
+        if !url.scheme().eq_ignore_ascii_case("sqs") {
+            return Err(bad("not an sqs:// URL"));
+        }
+        let access_key = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, Some(secret)) if !user.is_empty() => {
+                Some((decode(user), Secret::new(decode(secret))))
+            }
+            _ => {
+                return Err(bad(
+                    "credentials must be given as sqs://ACCESS_KEY_ID:SECRET_ACCESS_KEY@",
+                ))
+            }
+        };
+        // kombu: a host in the URL is the endpoint, http unless `is_secure` is set.
+        let endpoint = url
+            .host_str()
+            .filter(|h| !h.is_empty() && *h != NO_HOST)
+            .map(|host| match url.port() {
+                Some(port) => format!("http://{host}:{port}"),
+                None => format!("http://{host}"),
+            });
+        Ok(SqsTarget {
+            region: None,
+            endpoint,
+            access_key,
+        })
+    }
+
+    /// A URL for people: the secret key is `***`.
+    pub fn redacted(&self) -> String {
+        let auth = match &self.access_key {
+            Some((id, _)) => format!("{id}:***@"),
+            None => String::new(),
+        };
+        let mut s = format!("sqs://{auth}");
+        if let Some(e) = &self.endpoint {
+            s.push_str(&format!(" (endpoint {e})"));
+        }
+        if let Some(r) = &self.region {
+            s.push_str(&format!(" (region {r})"));
+        }
+        s
+    }
+}
+
+/// Validates `awsEndpoint`: an http(s) URL with a host.
+pub fn parse_endpoint(raw: &str) -> Result<String> {
+    let url = Url::parse(raw.trim()).map_err(|e| {
+        Error::invalid(
+            "awsEndpoint",
+            format!("not a valid URL ({e}): `{}`", redact_urls(raw)),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none()
+        || !url.username().is_empty()
+    {
+        return Err(Error::invalid(
+            "awsEndpoint",
+            format!(
+                "must be an http:// or https:// URL with a host and no credentials, got `{}`",
+                redact_urls(raw)
+            ),
+        ));
+    }
+    Ok(raw.trim().trim_end_matches('/').to_string())
+}
+
+/// Validates `awsRegion` (`us-east-1`, `eu-central-2`, `us-gov-west-1`, ...).
+pub fn parse_region(raw: &str) -> Result<String> {
+    let r = raw.trim();
+    let ok = !r.is_empty()
+        && r.len() <= 32
+        && r.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && r.contains('-');
+    if ok {
+        Ok(r.to_string())
+    } else {
+        Err(Error::invalid(
+            "awsRegion",
+            format!("must be an AWS region such as us-east-1, got `{r}`"),
+        ))
+    }
+}
+
+/// kombu's SQS queue name for a Celery queue: `prefix + name`, `.` -> `-`, every other ASCII
+/// punctuation but `-` and `_` -> `_`; a trailing `.fifo` is kept.
+pub fn sqs_queue_name(prefix: &str, celery_name: &str) -> String {
+    let full = format!("{prefix}{celery_name}");
+    let translate = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c {
+                '.' => '-',
+                '-' | '_' => c,
+                c if c.is_ascii_punctuation() => '_',
+                c => c,
+            })
+            .collect()
+    };
+    match full.strip_suffix(".fifo") {
+        Some(stem) => format!("{}.fifo", translate(stem)),
+        None => translate(&full),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = SqsTarget::parse("brokerUrl", "sqs://").unwrap();
+        assert_eq!((t.endpoint, t.access_key), (None, None));
+        let t = SqsTarget::parse("brokerUrl", "sqs://AKIAX:se%2Fcr%2Bet@").unwrap();
+        let (id, secret) = t.access_key.clone().unwrap();
+        assert_eq!((id.as_str(), secret.expose()), ("AKIAX", "se/cr+et"));
+        assert_eq!(t.endpoint, None);
+        assert_eq!(t.redacted(), "sqs://AKIAX:***@");
+        let t = SqsTarget::parse("brokerUrl", "sqs://k:s@localhost:4566").unwrap();
+        assert_eq!(t.endpoint.as_deref(), Some("http://localhost:4566"));
+        assert!(SqsTarget::parse("brokerUrl", "sqs://onlyuser@").is_err());
+        let err = SqsTarget::parse("brokerUrlFromEnv", "sqs://k:top/secret@").unwrap_err();
+        assert!(!err.to_string().contains("top/secret"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_and_region() {
+        assert_eq!(
+            parse_endpoint("https://sqs.eu-west-1.amazonaws.com/").unwrap(),
+            "https://sqs.eu-west-1.amazonaws.com"
+        );
+        assert!(parse_endpoint("ftp://x").is_err());
+        assert!(parse_endpoint("http://u:p@x").is_err());
+        assert_eq!(parse_region("eu-central-2").unwrap(), "eu-central-2");
+        assert!(parse_region("EU WEST").is_err());
+    }
+
+    #[test]
+    fn queue_names_follow_kombu() {
+        assert_eq!(sqs_queue_name("", "celery"), "celery");
+        assert_eq!(sqs_queue_name("", "orders.high"), "orders-high");
+        assert_eq!(sqs_queue_name("prod-", "orders.high"), "prod-orders-high");
+        assert_eq!(sqs_queue_name("prod.", "a:b/c"), "prod-a_b_c");
+        assert_eq!(sqs_queue_name("", "jobs.v2.fifo"), "jobs-v2.fifo");
+        assert_eq!(sqs_queue_name("", "keep-this_one"), "keep-this_one");
+    }
+}
