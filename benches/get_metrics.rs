@@ -2,7 +2,8 @@
 //! answer needs, measured from the same process in the same run.
 //!
 //! `cargo bench --bench get_metrics` (Redis from `CKS_REDIS_URL`, RabbitMQ from `CKS_AMQP_URL`
-//! and `CKS_RABBITMQ_MANAGEMENT_URL`, defaults on localhost). Under `cargo test --all-targets`
+//! and `CKS_RABBITMQ_MANAGEMENT_URL`, defaults on localhost; SQS from `CKS_SQS_ENDPOINT`, e.g.
+//! after `eval "$(CKS_ENV_ONLY=1 scripts/test.sh)"`). Under `cargo test --all-targets`
 //! it only checks that it was built.
 
 use std::collections::HashMap;
@@ -164,6 +165,46 @@ fn main() {
         let on50 = summary("RabbitMQ GetMetrics (in flight on: AMQP + HTTP)", on, "limit: p50 <= 1.5x max(raw declare, raw GET)");
         println!("{:<44} {:.2}x", "  ratio p50 off / raw declare", off50.as_secs_f64() / a50.as_secs_f64());
         println!("{:<44} {:.2}x", "  ratio p50 on / max(raw)", on50.as_secs_f64() / a50.max(h50).as_secs_f64());
-        let _ = http.delete(format!("{mgmt}/api/queues/%2F/{qname}")).basic_auth("guest", Some("guest")).send().await;
+        let _ = http
+            .delete(format!("{mgmt}/api/queues/%2F/{qname}"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await;
+
+        // --- SQS (a local moto server): one GetQueueAttributes per queue.
+        let Ok(endpoint) = std::env::var("CKS_SQS_ENDPOINT") else {
+            println!("SQS: CKS_SQS_ENDPOINT not set (scripts/test.sh starts moto); skipped");
+            return;
+        };
+        let conf = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "bench"))
+            .endpoint_url(endpoint.clone())
+            .build();
+        let sqs = aws_sdk_sqs::Client::from_conf(conf);
+        let name = format!("bench-gm-{}", std::process::id());
+        let url = sqs.create_queue().queue_name(&name).send().await.unwrap().queue_url().unwrap().to_string();
+        let raw_sqs = time(|| {
+            let sqs = sqs.clone();
+            let url = url.clone();
+            async move {
+                sqs.get_queue_attributes()
+                    .queue_url(url)
+                    .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                    .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        let s50 = summary("SQS (moto) raw GetQueueAttributes", raw_sqs, "(baseline)");
+        let host = endpoint.trim_start_matches("http://");
+        let broker = format!("sqs://testing:testing@{host}");
+        let gm = get_metrics(&client, &meta(&[("brokerUrl", &broker), ("queues", &name)])).await;
+        let g50 = summary("SQS (moto) GetMetrics", gm, "limit: p50 <= 1.5x raw");
+        println!("{:<44} {:.2}x", "  ratio p50 GetMetrics / raw", g50.as_secs_f64() / s50.as_secs_f64());
+        let _ = sqs.delete_queue().queue_url(url).send().await;
     });
 }
