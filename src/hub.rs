@@ -75,7 +75,7 @@ impl Hub {
         };
         loop {
             let reading = tokio::select! {
-                r = self.core.read(&query) => r.map(|d| d.total()),
+                r = self.core.read_fresh(&query) => r.map(|d| d.total()),
                 _ = sender.closed() => Err(Error::Internal(String::new())),
                 _ = self.shutdown.cancelled() => break,
             };

@@ -59,6 +59,10 @@ struct ServeArgs {
     /// How often a shared StreamIsActive poll reads SQS queues (each read is a billed request).
     #[arg(long, env = "CELERY_KEDA_SQS_STREAM_POLL_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     sqs_stream_poll_interval: Duration,
+    /// How long a successful reading answers identical GetMetrics/IsActive requests (0s: only
+    /// requests arriving while a reading is under way share it).
+    #[arg(long, env = "CELERY_KEDA_RESULT_WINDOW", value_parser = parse_window, default_value = "250ms")]
+    result_window: Duration,
     /// How long in-flight RPCs may take to finish after SIGTERM.
     #[arg(long, env = "CELERY_KEDA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -89,6 +93,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be greater than zero"));
     }
     Ok(d)
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}`: {e} (use e.g. 250ms, or 0s to turn it off)"))
 }
 
 fn main() -> ExitCode {
@@ -160,6 +169,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
     );
     let settings = ServeSettings {
         deadline: args.common.deadline,
+        result_window: args.result_window,
         stream_poll_interval: args.stream_poll_interval,
         sqs_stream_poll_interval: args.sqs_stream_poll_interval,
         shutdown_grace: args.shutdown_grace,
@@ -212,9 +222,7 @@ async fn run_probe(args: ProbeArgs, env: BrokerEnv) -> ExitCode {
     };
     let core = Core::new(
         env,
-        CoreSettings {
-            deadline: args.common.deadline,
-        },
+        CoreSettings::with_deadline(args.common.deadline),
         Arc::new(Metrics::new()),
     );
     match probe::run(&core, &meta).await {

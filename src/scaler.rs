@@ -15,7 +15,28 @@ use crate::metrics::Metrics;
 pub struct CoreSettings {
     /// Upper bound on one depth reading, broker connection included.
     pub deadline: Duration,
+    /// How long a successful reading answers identical requests (zero: only requests that
+    /// arrive while a reading is under way share it).
+    pub result_window: Duration,
 }
+
+impl CoreSettings {
+    /// `deadline` with the default result window.
+    pub fn with_deadline(deadline: Duration) -> Self {
+        CoreSettings {
+            deadline,
+            result_window: DEFAULT_RESULT_WINDOW,
+        }
+    }
+}
+
+/// Default result window: well under KEDA's intervals (15 s HPA sync, 30 s polling), long
+/// enough to absorb the GetMetricSpec/GetMetrics/IsActive burst of one KEDA cycle and the
+/// identical polls of many ScaledObjects.
+pub const DEFAULT_RESULT_WINDOW: Duration = Duration::from_millis(250);
+
+/// Most distinct queries kept in the result window at once.
+const MAX_CACHED_QUERIES: u64 = 100_000;
 
 /// Parses triggers and reads depths. Cheap to share behind an `Arc`.
 pub struct Core {
@@ -23,6 +44,9 @@ pub struct Core {
     registry: Registry,
     deadline: Duration,
     metrics: Arc<Metrics>,
+    /// Single flight (concurrent identical reads share one broker round trip) and the result
+    /// window (a success answers identical reads for a short while). Errors are never kept.
+    recent: moka::future::Cache<DepthQuery, Depth>,
 }
 
 impl Core {
@@ -35,6 +59,10 @@ impl Core {
             }),
             deadline: settings.deadline,
             metrics,
+            recent: moka::future::Cache::builder()
+                .max_capacity(MAX_CACHED_QUERIES)
+                .time_to_live(settings.result_window.max(Duration::from_nanos(1)))
+                .build(),
         }
     }
 
@@ -53,9 +81,25 @@ impl Core {
         self.registry.len()
     }
 
-    /// Reads the depth for `query`, failing with `DEADLINE_EXCEEDED` when the broker does not
-    /// answer within the deadline. Never returns a depth for a failed reading.
+    /// Reads the depth for `query`: a reading of the last result window, or the one already
+    /// under way for an identical query, or a new one. Fails with `DEADLINE_EXCEEDED` when the
+    /// broker does not answer within the deadline; never returns a depth for a failed reading.
     pub async fn read(&self, query: &DepthQuery) -> Result<Depth> {
+        self.recent
+            .try_get_with_by_ref(query, self.read_broker(query))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Reads the broker now (still sharing a reading under way), and refreshes the result
+    /// window with the answer. Used by the stream polls, which must not see older readings.
+    pub async fn read_fresh(&self, query: &DepthQuery) -> Result<Depth> {
+        self.recent.invalidate(query).await;
+        self.read(query).await
+    }
+
+    /// One reading from the broker, bounded by the deadline, recorded in the metrics.
+    async fn read_broker(&self, query: &DepthQuery) -> Result<Depth> {
         let kind = query.target.kind();
         let started = Instant::now();
         let result = match self.registry.client(&query.target) {

@@ -24,6 +24,8 @@ use crate::scaler::{Core, CoreSettings};
 pub struct ServeSettings {
     /// Upper bound on one depth reading.
     pub deadline: Duration,
+    /// How long a successful reading answers identical GetMetrics/IsActive requests.
+    pub result_window: Duration,
     /// How often a shared stream poll reads its queues (Redis, RabbitMQ).
     pub stream_poll_interval: Duration,
     /// The same for SQS, where every read is a billed request.
@@ -38,6 +40,7 @@ impl Default for ServeSettings {
     fn default() -> Self {
         ServeSettings {
             deadline: Duration::from_millis(2500),
+            result_window: crate::scaler::DEFAULT_RESULT_WINDOW,
             stream_poll_interval: Duration::from_millis(200),
             sqs_stream_poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
@@ -72,6 +75,7 @@ pub async fn serve(
         env,
         CoreSettings {
             deadline: settings.deadline,
+            result_window: settings.result_window,
         },
         metrics.clone(),
     ));

@@ -317,8 +317,10 @@ async fn broker_stopped_mid_test_is_an_error_then_recovers() {
     CeleryConf::new(&vhost.url()).publish("q", &["--count", "3"]);
     let mut proxy = Proxy::start(vhost.port).await;
     let url = vhost.url_via(proxy.port);
+    // No result window: every reading below must reach the broker (or fail to).
     let settings = celery_keda_scaler::server::ServeSettings {
         deadline: Duration::from_secs(1),
+        result_window: Duration::ZERO,
         ..Default::default()
     };
     let scaler = Scaler::start_with(Default::default(), settings).await;

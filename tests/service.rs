@@ -225,9 +225,7 @@ async fn one_client_per_distinct_broker() {
     let url = redis_url();
     let core = Core::new(
         BrokerEnv::default(),
-        CoreSettings {
-            deadline: Duration::from_secs(2),
-        },
+        CoreSettings::with_deadline(Duration::from_secs(2)),
         Arc::new(Metrics::new()),
     );
     for i in 0..50 {
@@ -590,4 +588,100 @@ async fn secrets_never_show_in_logs_errors_metrics_or_probe() {
             assert!(!e.contains(secret), "{secret} leaked into error {e}");
         }
     }
+}
+
+/// N identical requests that arrive while a reading is under way share it: one connection
+/// attempt and one failure, seen by all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_concurrent_requests_share_one_broker_reading() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    let settings = ServeSettings {
+        deadline: Duration::from_secs(1),
+        result_window: Duration::ZERO,
+        ..ServeSettings::default()
+    };
+    let scaler = Scaler::start_with(BrokerEnv::default(), settings).await;
+    let channel = scaler.channel().await;
+    let m = meta(&[
+        ("brokerUrl", &format!("redis://127.0.0.1:{port}/0")),
+        ("queues", "a,b"),
+    ]);
+    let calls = (0..50).map(|_| {
+        let mut client =
+            celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient::new(
+                channel.clone(),
+            );
+        let m = m.clone();
+        async move { depth(&mut client, &m).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    for r in &results {
+        assert_eq!(
+            r.as_ref().unwrap_err().code(),
+            Code::DeadlineExceeded,
+            "{r:?}"
+        );
+    }
+    let failures = scaler
+        .metric("celery_keda_broker_errors_total{broker=\"redis\",kind=\"deadline_exceeded\"}")
+        .await;
+    assert_eq!(
+        failures,
+        Some(1.0),
+        "one shared reading for 50 identical requests"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection to the broker"
+    );
+}
+
+/// Within the result window, repeated polls of the same queues are answered without the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_window_absorbs_repeated_polls() {
+    let url = redis_url();
+    let (a, b) = (unique("win-a"), unique("win-b"));
+    CeleryConf::new(&url).publish(&a, &["--count", "2"]);
+    let settings = ServeSettings {
+        result_window: Duration::from_secs(30),
+        ..ServeSettings::default()
+    };
+    let scaler = Scaler::start_with(BrokerEnv::default(), settings).await;
+    let mut client = scaler.client().await;
+    let reads =
+        || scaler.metric("celery_keda_broker_read_duration_seconds_count{broker=\"redis\"}");
+    for _ in 0..20 {
+        // Different ScaledObjects (metric names) watching the same queues share the reading.
+        let name = unique("so");
+        let m = meta(&[("brokerUrl", &url), ("queues", &a), ("metricName", &name)]);
+        assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+        assert!(active(&mut client, &m).await.unwrap());
+    }
+    assert_eq!(reads().await, Some(1.0));
+    assert_eq!(
+        depth(&mut client, &meta(&[("brokerUrl", &url), ("queues", &b)]))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(reads().await, Some(2.0));
+    let (_, rpcs) = scaler.admin_get("/metrics").await;
+    assert!(
+        rpcs.contains("celery_keda_rpc_total{method=\"GetMetrics\",code=\"OK\"} 21"),
+        "{rpcs}"
+    );
+    cleanup_redis(&url, "", &[&a]).await;
 }
