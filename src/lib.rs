@@ -7,6 +7,7 @@
 //! - [`broker`]: the `Broker` trait, depth types, the per-broker client registry, and one folder
 //!   per backend (`broker::redis`).
 //! - [`scaler`]: the core: metadata to trigger, depth reading within the deadline.
+//! - [`census`]: the shared background worker census (Celery `inspect active`) behind `scaleOnRunning`.
 //! - [`hub`]: shared background polls behind `StreamIsActive`.
 //! - [`grpc`]: the `ExternalScaler` service over the core and the hub.
 //! - [`server`]: `serve`, wiring gRPC (with health and reflection) and the admin port, with
@@ -17,6 +18,7 @@
 //! - [`secret`]: credential wrapper and URL redaction.
 pub mod admin;
 pub mod broker;
+pub mod census;
 pub mod error;
 pub mod grpc;
 pub mod hub;

@@ -63,6 +63,12 @@ struct ServeArgs {
     /// requests arriving while a reading is under way share it).
     #[arg(long, env = "CELERY_KEDA_RESULT_WINDOW", value_parser = parse_window, default_value = "250ms")]
     result_window: Duration,
+    /// Time between two worker censuses (Celery `inspect active` broadcasts) per broker, for scaleOnRunning.
+    #[arg(long, env = "CELERY_KEDA_CENSUS_INTERVAL", value_parser = parse_duration, default_value = "2s")]
+    census_interval: Duration,
+    /// How long a worker census collects replies.
+    #[arg(long, env = "CELERY_KEDA_CENSUS_WINDOW", value_parser = parse_duration, default_value = "1s")]
+    census_window: Duration,
     /// How long in-flight RPCs may take to finish after SIGTERM.
     #[arg(long, env = "CELERY_KEDA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -170,6 +176,8 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
     let settings = ServeSettings {
         deadline: args.common.deadline,
         result_window: args.result_window,
+        census_interval: args.census_interval,
+        census_window: args.census_window,
         stream_poll_interval: args.stream_poll_interval,
         sqs_stream_poll_interval: args.sqs_stream_poll_interval,
         shutdown_grace: args.shutdown_grace,

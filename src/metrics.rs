@@ -51,6 +51,8 @@ pub struct Metrics {
     queue_depth: Family<QueueLabels, Gauge>,
     streams: Gauge,
     polls: Gauge,
+    census_age: Family<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    census_failures: Family<BrokerLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -77,6 +79,19 @@ impl Metrics {
         let queue_depth = Family::<QueueLabels, Gauge>::default();
         let streams = Gauge::default();
         let polls = Gauge::default();
+        let census_age =
+            Family::<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let census_failures = Family::<BrokerLabels, Counter>::default();
+        registry.register(
+            "census_age_seconds",
+            "Age of the worker census used by the last reading that counted running tasks",
+            census_age.clone(),
+        );
+        registry.register(
+            "census_failures",
+            "Worker censuses (inspect active broadcasts) that failed, by broker kind",
+            census_failures.clone(),
+        );
         registry.register(
             "rpc",
             "gRPC requests answered, by method and status code",
@@ -117,7 +132,23 @@ impl Metrics {
             queue_depth,
             streams,
             polls,
+            census_age,
+            census_failures,
         }
+    }
+
+    /// Records the age of the census a reading used.
+    pub fn census_age(&self, broker: &'static str, seconds: f64) {
+        self.census_age
+            .get_or_create(&BrokerLabels { broker })
+            .set(seconds);
+    }
+
+    /// Counts one failed census.
+    pub fn census_failure(&self, broker: &'static str) {
+        self.census_failures
+            .get_or_create(&BrokerLabels { broker })
+            .inc();
     }
 
     /// Counts one answered RPC.

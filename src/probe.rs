@@ -52,13 +52,14 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
         "metric       {} (queueLength {}, active when depth > {})",
         trigger.metric_name, trigger.queue_length, trigger.activation_queue_length
     );
+    let sqs = matches!(q.target, crate::broker::BrokerTarget::Sqs(_));
     let _ = writeln!(
         out,
         "counting     ready, in flight {} (scaleOnInFlight), running {} (scaleOnRunning{})",
         on_off(q.in_flight),
         on_off(q.running),
-        if q.running {
-            ": not counted by this version"
+        if q.running && sqs {
+            ": no effect on SQS"
         } else {
             ""
         }

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::{ClientSettings, Depth, DepthQuery, Registry};
+use crate::broker::{Broker, BrokerTarget, ClientSettings, Depth, DepthQuery, Registry};
+use crate::census::{CensusSettings, Censuses};
 use crate::error::{Error, Result};
 use crate::metadata::{self, BrokerEnv, Trigger};
 use crate::metrics::Metrics;
@@ -18,6 +19,8 @@ pub struct CoreSettings {
     /// How long a successful reading answers identical requests (zero: only requests that
     /// arrive while a reading is under way share it).
     pub result_window: Duration,
+    /// The worker census behind `scaleOnRunning`.
+    pub census: CensusSettings,
 }
 
 impl CoreSettings {
@@ -26,6 +29,10 @@ impl CoreSettings {
         CoreSettings {
             deadline,
             result_window: DEFAULT_RESULT_WINDOW,
+            census: CensusSettings {
+                deadline,
+                ..CensusSettings::default()
+            },
         }
     }
 }
@@ -47,6 +54,7 @@ pub struct Core {
     /// Single flight (concurrent identical reads share one broker round trip) and the result
     /// window (a success answers identical reads for a short while). Errors are never kept.
     recent: moka::future::Cache<DepthQuery, Depth>,
+    censuses: Arc<Censuses>,
 }
 
 impl Core {
@@ -58,6 +66,7 @@ impl Core {
                 timeout: settings.deadline,
             }),
             deadline: settings.deadline,
+            censuses: Censuses::new(settings.census, metrics.clone()),
             metrics,
             recent: moka::future::Cache::builder()
                 .max_capacity(MAX_CACHED_QUERIES)
@@ -98,19 +107,54 @@ impl Core {
         self.read(query).await
     }
 
+    /// Number of worker census loops running.
+    pub fn census_loops(&self) -> usize {
+        self.censuses.loops()
+    }
+
+    /// The broker's depth, plus (with `scaleOnRunning`) the acknowledged running tasks of the
+    /// latest worker census.
+    async fn depth_with_running(
+        &self,
+        client: Arc<dyn Broker>,
+        query: &DepthQuery,
+    ) -> Result<Depth> {
+        if !query.running || matches!(query.target, BrokerTarget::Sqs(_)) {
+            return client.depth(query).await;
+        }
+        let census = self
+            .censuses
+            .latest(client.clone(), &query.target, &query.layout);
+        let (mut depth, census) = futures::future::try_join(client.depth(query), census).await?;
+        if let Some(census) = census {
+            for q in &mut depth.queues {
+                q.running_workers = census
+                    .acknowledged_in(&q.queue)
+                    .map(|t| t.worker.clone())
+                    .collect();
+                q.running = q.running_workers.len() as u64;
+            }
+        }
+        Ok(depth)
+    }
+
     /// One reading from the broker, bounded by the deadline, recorded in the metrics.
     async fn read_broker(&self, query: &DepthQuery) -> Result<Depth> {
         let kind = query.target.kind();
         let started = Instant::now();
         let result = match self.registry.client(&query.target) {
-            Ok(client) => match tokio::time::timeout(self.deadline, client.depth(query)).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::DeadlineExceeded(format!(
-                    "{kind} broker {} did not answer within {:?}",
-                    query.target.redacted(),
-                    self.deadline
-                ))),
-            },
+            Ok(client) => {
+                match tokio::time::timeout(self.deadline, self.depth_with_running(client, query))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::DeadlineExceeded(format!(
+                        "{kind} broker {} did not answer within {:?}",
+                        query.target.redacted(),
+                        self.deadline
+                    ))),
+                }
+            }
             Err(e) => Err(e),
         };
         match &result {

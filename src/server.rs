@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::admin::{self, AdminState};
+use crate::census::CensusSettings;
 use crate::grpc::Service;
 use crate::hub::{Hub, PollIntervals};
 use crate::metadata::BrokerEnv;
@@ -26,6 +27,10 @@ pub struct ServeSettings {
     pub deadline: Duration,
     /// How long a successful reading answers identical GetMetrics/IsActive requests.
     pub result_window: Duration,
+    /// Time between two worker censuses (`inspect active` broadcasts) per broker.
+    pub census_interval: Duration,
+    /// How long a census collects replies.
+    pub census_window: Duration,
     /// How often a shared stream poll reads its queues (Redis, RabbitMQ).
     pub stream_poll_interval: Duration,
     /// The same for SQS, where every read is a billed request.
@@ -41,6 +46,8 @@ impl Default for ServeSettings {
         ServeSettings {
             deadline: Duration::from_millis(2500),
             result_window: crate::scaler::DEFAULT_RESULT_WINDOW,
+            census_interval: Duration::from_secs(2),
+            census_window: Duration::from_secs(1),
             stream_poll_interval: Duration::from_millis(200),
             sqs_stream_poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
@@ -76,6 +83,11 @@ pub async fn serve(
         CoreSettings {
             deadline: settings.deadline,
             result_window: settings.result_window,
+            census: CensusSettings {
+                interval: settings.census_interval,
+                window: settings.census_window,
+                deadline: settings.deadline,
+            },
         },
         metrics.clone(),
     ));

@@ -397,3 +397,32 @@ async fn stream_pushes_on_rabbitmq() {
     );
     vhost.delete().await;
 }
+
+// ---------------------------------------------------------------- scaleOnRunning
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_tasks_with_early_ack_keep_the_scaler_active() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    vhost.declare("other").await;
+    running_tasks_keep_the_scaler_active(&url, CeleryConf::new(&url), "run", "other").await;
+    vhost.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_is_published_minus_finished_with_early_ack() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    // Killed: the 2 early-acked running tasks are lost, the 2 reserved return to the queue.
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", false, 8).await;
+    vhost.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_is_published_minus_finished_with_acks_late() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    // Killed: the 2 unacknowledged running tasks return to the queue.
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", true, 10).await;
+    vhost.delete().await;
+}

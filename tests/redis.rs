@@ -446,3 +446,31 @@ async fn sentinel_finds_the_master() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(!err.message().contains(password));
 }
+
+// ---------------------------------------------------------------- scaleOnRunning
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_tasks_with_early_ack_keep_the_scaler_active() {
+    let url = redis_url();
+    let (q, other) = (unique("run"), unique("run-other"));
+    running_tasks_keep_the_scaler_active(&url, CeleryConf::new(&url), &q, &other).await;
+    cleanup_redis(&url, "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_is_published_minus_finished_with_early_ack() {
+    let url = redis_url();
+    let q = unique("pmf-early");
+    // Killed: the 2 early-acked running tasks are lost, the 2 reserved stay in `unacked`.
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, false, 8).await;
+    cleanup_redis(&url, "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_is_published_minus_finished_with_acks_late() {
+    let url = redis_url();
+    let q = unique("pmf-late");
+    // Killed: the 2 running tasks were never acknowledged and stay in `unacked`.
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, true, 10).await;
+    cleanup_redis(&url, "", &[&q]).await;
+}

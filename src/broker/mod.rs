@@ -1,6 +1,7 @@
 //! The broker abstraction: one small trait, the query and reading types, and the registry that
 //! keeps one client (connection pool) per distinct broker.
 
+pub mod census;
 pub mod rabbitmq;
 pub mod redis;
 pub mod sqs;
@@ -61,6 +62,8 @@ pub struct QueueDepth {
     pub in_flight: u64,
     /// Running and already acknowledged; 0 when the query did not ask for it.
     pub running: u64,
+    /// The workers running those tasks, one entry per task (for `probe`).
+    pub running_workers: Vec<String>,
 }
 
 impl QueueDepth {
@@ -93,6 +96,13 @@ impl Depth {
 pub trait Broker: Send + Sync + 'static {
     /// Reads the depth of `query.queues`. The caller bounds the time it may take.
     async fn depth(&self, query: &DepthQuery) -> Result<Depth>;
+
+    /// Asks the workers what they are running (Celery remote control), collecting replies for
+    /// up to `window`. `None` when the broker has no worker remote control (SQS). No worker
+    /// answering is an empty census, not an error.
+    async fn census(&self, _layout: &Layout, _window: Duration) -> Result<Option<census::Census>> {
+        Ok(None)
+    }
 }
 
 /// Settings every backend client is built with.

@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 
 pub use target::{AmqpTls, Management, RabbitTarget, MANAGEMENT_PORT};
 
+use super::census::{active_request, Census, MAILBOX, REPLY_EXCHANGE};
 use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -35,12 +36,16 @@ pub struct RabbitBroker {
     /// The connection and a channel on it, opened on first use and after a failure.
     amqp: Mutex<Amqp>,
     http: reqwest::Client,
+    /// This client's remote-control reply queue id (kombu's `oid`).
+    oid: String,
 }
 
 #[derive(Default)]
 struct Amqp {
     connection: Option<Connection>,
     channel: Option<Channel>,
+    /// A second channel for remote control, so its failures never close the depth channel.
+    census: Option<Channel>,
 }
 
 /// Where an AMQP error happened: a refusal while connecting means bad credentials.
@@ -63,6 +68,7 @@ impl RabbitBroker {
             timeout: settings.timeout,
             amqp: Mutex::new(Amqp::default()),
             http,
+            oid: uuid::Uuid::new_v4().to_string(),
         })
     }
 
@@ -123,13 +129,23 @@ impl RabbitBroker {
 
     /// A usable channel: the cached one, or a new one (on a new connection if needed).
     async fn channel(&self) -> Result<Channel> {
-        let mut amqp = self.amqp.lock().await;
-        if let Some(ch) = &amqp.channel {
+        self.channel_in(false).await
+    }
+
+    async fn channel_in(&self, census: bool) -> Result<Channel> {
+        let mut guard = self.amqp.lock().await;
+        let amqp = &mut *guard;
+        let slot = if census {
+            &mut amqp.census
+        } else {
+            &mut amqp.channel
+        };
+        if let Some(ch) = slot.as_ref() {
             if ch.status().connected() {
                 return Ok(ch.clone());
             }
         }
-        amqp.channel = None;
+        *slot = None;
         let alive = amqp
             .connection
             .as_ref()
@@ -155,8 +171,119 @@ impl RabbitBroker {
             .create_channel()
             .await
             .map_err(|e| self.convert(e, Stage::Connect))?;
-        amqp.channel = Some(channel.clone());
+        if census {
+            amqp.census = Some(channel.clone());
+        } else {
+            amqp.channel = Some(channel.clone());
+        }
         Ok(channel)
+    }
+
+    /// `inspect active` over kombu's AMQP pidbox: declare the mailbox and our reply queue,
+    /// broadcast, and collect the replies that arrive within `window`.
+    async fn inspect_active(&self, window: Duration) -> Result<Census> {
+        use lapin::options::{
+            BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+        };
+        use lapin::types::{AMQPValue, ShortString};
+        use lapin::{BasicProperties, ExchangeKind};
+        let result = async {
+            let ch = self.channel_in(true).await?;
+            let conv = |e| self.convert(e, Stage::Query);
+            // kombu declares both exchanges transient (durable=False).
+            let transient = ExchangeDeclareOptions::default();
+            ch.exchange_declare(
+                MAILBOX.into(),
+                ExchangeKind::Fanout,
+                transient,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(conv)?;
+            ch.exchange_declare(
+                REPLY_EXCHANGE.into(),
+                ExchangeKind::Direct,
+                transient,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(conv)?;
+            let queue = format!("{}.{REPLY_EXCHANGE}", self.oid);
+            let mut args = FieldTable::default();
+            args.insert("x-expires".into(), AMQPValue::LongUInt(60_000));
+            ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(conv)?;
+            ch.queue_bind(
+                queue.as_str().into(),
+                REPLY_EXCHANGE.into(),
+                self.oid.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(conv)?;
+            let ticket = uuid::Uuid::new_v4().to_string();
+            let expires = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+                + window.as_secs_f64();
+            let mut headers = FieldTable::default();
+            headers.insert("clock".into(), AMQPValue::LongLongInt(1));
+            headers.insert("expires".into(), AMQPValue::Double(expires));
+            let props = BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_content_encoding(ShortString::from("utf-8"))
+                .with_delivery_mode(1)
+                .with_headers(headers);
+            ch.basic_publish(
+                MAILBOX.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &active_request(&ticket, &self.oid),
+                props,
+            )
+            .await
+            .map_err(conv)?;
+            tokio::time::sleep(window).await;
+            let mut census = Census::default();
+            while let Some(msg) = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .map_err(conv)?
+            {
+                let same_ticket = msg
+                    .delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("ticket").cloned())
+                    .is_some_and(|t| match t {
+                        AMQPValue::LongString(s) => s.to_string() == ticket,
+                        AMQPValue::ShortString(s) => s.as_str() == ticket,
+                        _ => false,
+                    });
+                if same_ticket {
+                    census.add_reply(&msg.delivery.data);
+                }
+            }
+            // Celery's queues are bound to a direct exchange under their own name.
+            census.resolve(|_, rk| vec![rk.to_string()]);
+            Ok(census)
+        }
+        .await;
+        if result.is_err() {
+            self.amqp.lock().await.census = None;
+        }
+        result
     }
 
     fn convert(&self, err: lapin::Error, stage: Stage) -> Error {
@@ -300,6 +427,10 @@ fn without_url(e: &reqwest::Error) -> String {
 
 #[async_trait]
 impl Broker for RabbitBroker {
+    async fn census(&self, _layout: &Layout, window: Duration) -> Result<Option<Census>> {
+        self.inspect_active(window).await.map(Some)
+    }
+
     async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
         let Layout::RabbitMq(layout) = &query.layout else {
             return Err(Error::Internal(
@@ -343,6 +474,7 @@ impl Broker for RabbitBroker {
                     }],
                     in_flight,
                     running: 0,
+                    running_workers: Vec::new(),
                 })
                 .collect(),
         })

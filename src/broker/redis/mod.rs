@@ -2,6 +2,7 @@
 //! self-reconnecting connection per broker (plain, TLS, Unix socket, or Sentinel-managed).
 
 mod layout;
+mod pidbox;
 mod target;
 
 use std::collections::{BTreeSet, HashMap};
@@ -19,6 +20,7 @@ pub use layout::{
 };
 pub use target::{RedisAddr, RedisTarget, TlsSettings};
 
+use super::census::Census;
 use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -40,6 +42,8 @@ pub struct RedisBroker {
     target: RedisTarget,
     source: Source,
     config: ConnectionManagerConfig,
+    /// This client's remote-control reply queue id (kombu's `oid`).
+    oid: String,
 }
 
 impl RedisBroker {
@@ -100,6 +104,7 @@ impl RedisBroker {
             target,
             source,
             config,
+            oid: uuid::Uuid::new_v4().to_string(),
         })
     }
 
@@ -249,8 +254,92 @@ fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Erro
     }
 }
 
+impl RedisBroker {
+    /// Binding tables of `exchanges`, parsed.
+    async fn tables<'a>(
+        &self,
+        layout: &RedisLayout,
+        exchanges: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashMap<String, Vec<Binding>>> {
+        let exchanges: BTreeSet<&str> = exchanges.into_iter().filter(|e| !e.is_empty()).collect();
+        let mut tables = HashMap::new();
+        if exchanges.is_empty() {
+            return Ok(tables);
+        }
+        let mut pipe = redis::pipe();
+        for ex in &exchanges {
+            pipe.smembers(layout.binding_key(ex));
+        }
+        let members: Vec<Vec<String>> = self.run(&pipe).await?;
+        for (ex, rows) in exchanges.iter().zip(members) {
+            tables.insert(
+                ex.to_string(),
+                rows.iter()
+                    .filter_map(|m| layout.parse_binding(m))
+                    .collect(),
+            );
+        }
+        Ok(tables)
+    }
+
+    /// `inspect active` over kombu's Redis pidbox: bind our reply list, broadcast, then collect
+    /// replies until every subscriber answered or `window` ends.
+    async fn inspect_active(&self, layout: &RedisLayout, window: Duration) -> Result<Census> {
+        let ticket = uuid::Uuid::new_v4().to_string();
+        let (reply_key, table, member) = pidbox::reply_queue(layout, &self.oid);
+        let mut pipe = redis::pipe();
+        // Re-bound every time: kombu sweeps binding tables of expiring reply queues.
+        pipe.sadd(&table, &member)
+            .ignore()
+            .del(&reply_key)
+            .ignore()
+            .publish(
+                pidbox::broadcast_channel(layout, self.target.db),
+                pidbox::broadcast_message(&ticket, &self.oid, window),
+            );
+        let (receivers,): (u64,) = self.run(&pipe).await?;
+        let mut census = Census::default();
+        if receivers == 0 {
+            return Ok(census);
+        }
+        let started = tokio::time::Instant::now();
+        loop {
+            let mut pipe = redis::pipe();
+            pipe.llen(&reply_key);
+            let (len,): (u64,) = self.run(&pipe).await?;
+            if len >= receivers || started.elapsed() >= window {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.lrange(&reply_key, 0, -1).del(&reply_key).ignore();
+        let (raw,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
+        pidbox::collect(&raw, &ticket, &mut census);
+        let tables = self
+            .tables(layout, census.tasks.iter().map(|t| t.exchange.as_str()))
+            .await?;
+        census.resolve(|ex, rk| {
+            route(ex, rk, &tables)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        });
+        Ok(census)
+    }
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
+    async fn census(&self, layout: &Layout, window: Duration) -> Result<Option<Census>> {
+        let Layout::Redis(layout) = layout else {
+            return Err(Error::Internal(
+                "Redis broker given a layout of another broker".into(),
+            ));
+        };
+        self.inspect_active(layout, window).await.map(Some)
+    }
+
     async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
         let Layout::Redis(layout) = &query.layout else {
             return Err(Error::Internal(
@@ -300,6 +389,7 @@ impl Broker for RedisBroker {
                 ready,
                 in_flight: 0,
                 running: 0,
+                running_workers: Vec::new(),
             });
         }
         if !unacked.is_empty() {
@@ -322,27 +412,9 @@ impl RedisBroker {
     ) -> Result<HashMap<String, u64>> {
         let routed: Vec<(String, String)> =
             unacked.iter().filter_map(|v| unacked_routing(v)).collect();
-        let exchanges: BTreeSet<&str> = routed
-            .iter()
-            .map(|(ex, _)| ex.as_str())
-            .filter(|ex| !ex.is_empty())
-            .collect();
-        let mut tables: HashMap<String, Vec<Binding>> = HashMap::new();
-        if !exchanges.is_empty() {
-            let mut pipe = redis::pipe();
-            for ex in &exchanges {
-                pipe.smembers(layout.binding_key(ex));
-            }
-            let members: Vec<Vec<String>> = self.run(&pipe).await?;
-            for (ex, rows) in exchanges.iter().zip(members) {
-                tables.insert(
-                    ex.to_string(),
-                    rows.iter()
-                        .filter_map(|m| layout.parse_binding(m))
-                        .collect(),
-                );
-            }
-        }
+        let tables = self
+            .tables(layout, routed.iter().map(|(ex, _)| ex.as_str()))
+            .await?;
         let mut counts: HashMap<String, u64> = HashMap::new();
         for (ex, rk) in &routed {
             for queue in route(ex, rk, &tables) {

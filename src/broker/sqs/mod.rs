@@ -226,6 +226,7 @@ impl SqsBroker {
             }],
             in_flight: not_visible,
             running: 0,
+            running_workers: Vec::new(),
         })
     }
 }

@@ -1,0 +1,184 @@
+//! The worker census behind `scaleOnRunning`: one background `inspect active` loop per broker
+//! (and key layout), shared by every trigger on it, started on first use and stopped when no
+//! reading has asked for it for a while. Readings use the latest census and never wait for one
+//! past their deadline.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::broker::census::Census;
+use crate::broker::{Broker, BrokerTarget, Layout};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// How the census runs.
+#[derive(Clone, Copy, Debug)]
+pub struct CensusSettings {
+    /// Time between two broadcasts.
+    pub interval: Duration,
+    /// How long replies are collected after a broadcast (Redis stops early when every
+    /// subscriber answered).
+    pub window: Duration,
+    /// Upper bound on one census, broker I/O included.
+    pub deadline: Duration,
+}
+
+impl Default for CensusSettings {
+    fn default() -> Self {
+        CensusSettings {
+            interval: Duration::from_secs(2),
+            window: Duration::from_secs(1),
+            deadline: Duration::from_millis(2500),
+        }
+    }
+}
+
+impl CensusSettings {
+    /// The oldest census a reading accepts: a loop that has not completed one for this long is
+    /// failing, and the reading fails with it rather than use stale numbers.
+    pub fn max_age(&self) -> Duration {
+        self.interval * 2 + self.window + self.deadline
+    }
+
+    /// A loop nobody read for this long stops.
+    fn idle(&self) -> Duration {
+        (self.interval * 30).max(Duration::from_secs(60))
+    }
+}
+
+/// One completed census (or its failure) and when it completed.
+#[derive(Clone)]
+struct Snapshot {
+    at: Instant,
+    result: Result<Option<Arc<Census>>>,
+}
+
+struct Entry {
+    rx: watch::Receiver<Option<Snapshot>>,
+    last_used: Mutex<Instant>,
+}
+
+type Key = (BrokerTarget, Layout);
+
+/// The running census loops.
+pub struct Censuses {
+    settings: CensusSettings,
+    metrics: Arc<Metrics>,
+    entries: Mutex<HashMap<Key, Arc<Entry>>>,
+}
+
+impl Censuses {
+    pub fn new(settings: CensusSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Censuses {
+            settings,
+            metrics,
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Number of running census loops.
+    pub fn loops(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The latest census for `target` (started now if none runs), waiting for the first one.
+    /// `Ok(None)`: the broker has no worker remote control.
+    pub async fn latest(
+        self: &Arc<Self>,
+        client: Arc<dyn Broker>,
+        target: &BrokerTarget,
+        layout: &Layout,
+    ) -> Result<Option<Arc<Census>>> {
+        let entry = self.entry(client, target, layout);
+        *entry.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let mut rx = entry.rx.clone();
+        let snapshot = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::Unavailable("the worker census stopped".into()))?
+            .clone()
+            .expect("waited for Some");
+        let age = snapshot.at.elapsed();
+        self.metrics.census_age(target.kind(), age.as_secs_f64());
+        if age > self.settings.max_age() {
+            return Err(Error::Unavailable(format!(
+                "the worker census of {} is {:.1} s old (limit {:.1} s): workers cannot be asked what they run",
+                target.redacted(),
+                age.as_secs_f64(),
+                self.settings.max_age().as_secs_f64()
+            )));
+        }
+        snapshot.result
+    }
+
+    fn entry(
+        self: &Arc<Self>,
+        client: Arc<dyn Broker>,
+        target: &BrokerTarget,
+        layout: &Layout,
+    ) -> Arc<Entry> {
+        let key = (target.clone(), layout.clone());
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = entries.get(&key) {
+            return e.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        let entry = Arc::new(Entry {
+            rx,
+            last_used: Mutex::new(Instant::now()),
+        });
+        entries.insert(key.clone(), entry.clone());
+        let this = self.clone();
+        let e = entry.clone();
+        tokio::spawn(async move { this.run(key, client, e, tx).await });
+        entry
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        key: Key,
+        client: Arc<dyn Broker>,
+        entry: Arc<Entry>,
+        tx: watch::Sender<Option<Snapshot>>,
+    ) {
+        let kind = key.0.kind();
+        loop {
+            let result = match tokio::time::timeout(
+                self.settings.deadline,
+                client.census(&key.1, self.settings.window),
+            )
+            .await
+            {
+                Ok(r) => r.map(|c| c.map(Arc::new)),
+                Err(_) => Err(Error::DeadlineExceeded(format!(
+                    "the worker census of {} did not complete within {:?}",
+                    key.0.redacted(),
+                    self.settings.deadline
+                ))),
+            };
+            if let Err(e) = &result {
+                self.metrics.census_failure(kind);
+                tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Worker census failed");
+            }
+            tx.send_replace(Some(Snapshot {
+                at: Instant::now(),
+                result,
+            }));
+            tokio::time::sleep(self.settings.interval).await;
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let idle = entry
+                .last_used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed();
+            if idle > self.settings.idle() {
+                entries.remove(&key);
+                break;
+            }
+        }
+    }
+}
