@@ -169,11 +169,14 @@ async fn custom_priority_steps_and_separator() {
 
     let scaler = Scaler::start().await;
     let mut client = scaler.client().await;
+    // Only ready lists are under test; the workers of the other tests on this database use
+    // kombu's default separator, which a census with `:` would refuse (see the census test).
     let custom = meta(&[
         ("brokerUrl", &url),
         ("queues", &q),
         ("prioritySteps", "0,5"),
         ("separator", ":"),
+        ("scaleOnRunning", "false"),
     ]);
     assert_eq!(depth(&mut client, &custom).await.unwrap(), 20);
     // With kombu's defaults only the bare list matches.
@@ -473,4 +476,42 @@ async fn depth_is_published_minus_finished_with_acks_late() {
     // Killed: the 2 running tasks were never acknowledged and stay in `unacked`.
     depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, true, 10).await;
     cleanup_redis(&url, "", &[&q]).await;
+}
+
+/// A census with a separator the workers do not use would break every worker's replies: it is
+/// refused with an error naming `separator` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn census_refuses_a_separator_the_workers_do_not_use() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let mut conn = raw_redis(&url).await;
+    // A reply binding as kombu (default sep) writes it.
+    let _: i64 = redis::cmd("SADD")
+        .arg("_kombu.binding.reply.celery.pidbox")
+        .arg("oid1\x06\x16\x06\x16oid1.reply.celery.pidbox")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let m = meta(&[("brokerUrl", &url), ("queues", "q"), ("separator", ":")]);
+    let err = depth(&mut client, &m).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("`separator`"), "{}", err.message());
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("_kombu.binding.reply.celery.pidbox")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1, "nothing was added: {members:?}");
+    // The default separator works, and without running-task counting no census is made.
+    let ok = meta(&[("brokerUrl", &url), ("queues", "q")]);
+    assert_eq!(depth(&mut client, &ok).await.unwrap(), 0);
+    let off = meta(&[
+        ("brokerUrl", &url),
+        ("queues", "q"),
+        ("separator", ":"),
+        ("scaleOnRunning", "false"),
+    ]);
+    assert_eq!(depth(&mut client, &off).await.unwrap(), 0);
 }

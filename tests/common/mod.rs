@@ -412,9 +412,21 @@ impl CeleryConf {
             .args(["-c", &concurrency.to_string()])
             .args(["-Q", &queues.join(",")])
             .args(["-n", &format!("{}@localhost", unique("w"))])
-            .args(["--without-mingle", "--without-gossip", "-l", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .args(["--without-mingle", "--without-gossip", "-l", "info"])
+            .stdout(Stdio::null());
+        // CKS_WORKER_LOGS=<dir> keeps each worker's log there, for debugging a failing test.
+        match std::env::var("CKS_WORKER_LOGS") {
+            Ok(dir) => {
+                let file = std::fs::File::create(
+                    Path::new(&dir).join(format!("{}.log", queues.join("_"))),
+                )
+                .expect("CKS_WORKER_LOGS is a writable directory");
+                cmd.stderr(file);
+            }
+            Err(_) => {
+                cmd.stderr(Stdio::null());
+            }
+        }
         self.apply(&mut cmd);
         ChildGuard(cmd.spawn().expect("celery worker starts"))
     }
@@ -437,6 +449,8 @@ impl Scaler {
 
     pub async fn start_with(env: BrokerEnv, settings: ServeSettings) -> Scaler {
         celery_keda_scaler::install_crypto_provider();
+        // Logs show in a failing test's output (RUST_LOG, default warn).
+        celery_keda_scaler::telemetry::init(celery_keda_scaler::telemetry::LogFormat::Text, "warn");
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();

@@ -287,6 +287,21 @@ impl RedisBroker {
     async fn inspect_active(&self, layout: &RedisLayout, window: Duration) -> Result<Census> {
         let ticket = uuid::Uuid::new_v4().to_string();
         let (reply_key, table, member) = pidbox::reply_queue(layout, &self.oid);
+        // Workers split every member of the reply binding table with their own `sep`: a member
+        // written with another separator would break every worker's replies, ours included.
+        let mut pipe = redis::pipe();
+        pipe.smembers(&table);
+        let (existing,): (Vec<String>,) = self.run(&pipe).await?;
+        if existing.iter().any(|m| layout.parse_binding(m).is_none()) {
+            return Err(Error::invalid(
+                "separator",
+                format!(
+                    "Celery's remote-control reply bindings (`{}`) do not split with separator `{}`: the workers use another kombu `sep`; set `separator` to theirs, or scaleOnRunning: \"false\"",
+                    printable(&table),
+                    printable(&layout.separator)
+                ),
+            ));
+        }
         let mut pipe = redis::pipe();
         // Re-bound every time: kombu sweeps binding tables of expiring reply queues.
         pipe.sadd(&table, &member)
@@ -316,6 +331,14 @@ impl RedisBroker {
         pipe.lrange(&reply_key, 0, -1).del(&reply_key).ignore();
         let (raw,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
         pidbox::collect(&raw, &ticket, &mut census);
+        tracing::debug!(
+            receivers,
+            replies = raw.len(),
+            workers = census.workers.len(),
+            tasks = census.tasks.len(),
+            elapsed = ?started.elapsed(),
+            "Worker census collected"
+        );
         let tables = self
             .tables(layout, census.tasks.iter().map(|t| t.exchange.as_str()))
             .await?;
