@@ -156,6 +156,7 @@ fn main() {
         println!("fleet: built; run it with `cargo bench --bench fleet`");
         return;
     }
+    celery_keda_scaler::install_crypto_provider();
     let url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let root = env!("CARGO_MANIFEST_DIR");
     let status = Command::new("cargo")

@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench push_and_startup` (Redis from `CKS_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`). Prints, each beside its limit:
-//! - push latency: first task LPUSHed on an empty queue -> `true` received on an open
+//! - push latency: first message put on an empty queue (Redis LPUSH; RabbitMQ publish to a
+//!   queue that exists) -> `true` received on an open
 //!   `StreamIsActive` stream, default settings (200 ms shared poll), at a random phase;
 //! - start-up: spawn of the release binary -> gRPC port accepting connections;
 //! - idle RSS of the serving process.
@@ -38,7 +39,90 @@ fn report(name: &str, mut samples: Vec<Duration>, limits: &str) {
     );
 }
 
+/// How a benchmark puts one message on an empty queue.
+enum Broker {
+    Redis(redis::aio::MultiplexedConnection),
+    Rabbit(lapin::Channel),
+}
+
+impl Broker {
+    async fn prepare(&mut self, queue: &str) {
+        if let Broker::Rabbit(ch) = self {
+            let opts = lapin::options::QueueDeclareOptions {
+                auto_delete: false,
+                ..Default::default()
+            };
+            ch.queue_declare(queue.into(), opts, lapin::types::FieldTable::default())
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn publish(&mut self, queue: &str) {
+        match self {
+            Broker::Redis(conn) => {
+                let _: i64 = redis::cmd("LPUSH")
+                    .arg(queue)
+                    .arg("{}")
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+            }
+            Broker::Rabbit(ch) => {
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    b"{}",
+                    lapin::BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    }
+
+    async fn remove(&mut self, queue: &str) {
+        match self {
+            Broker::Redis(conn) => {
+                let _: i64 = redis::cmd("DEL")
+                    .arg(queue)
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+            }
+            Broker::Rabbit(ch) => {
+                let _ = ch
+                    .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+    }
+}
+
 async fn push_latency(url: &str) -> Vec<Duration> {
+    let redis = redis::Client::open(url).unwrap();
+    let conn = redis.get_multiplexed_async_connection().await.unwrap();
+    push_latency_on(url, Broker::Redis(conn)).await
+}
+
+async fn push_latency_rabbit(amqp: &str) -> Vec<Duration> {
+    let u = url::Url::parse(amqp).unwrap();
+    let lapin_url = format!(
+        "amqp://{}:{}@{}:{}/%2f",
+        u.username(),
+        u.password().unwrap_or(""),
+        u.host_str().unwrap(),
+        u.port().unwrap_or(5672)
+    );
+    let conn = lapin::Connection::connect(&lapin_url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    push_latency_on(amqp, Broker::Rabbit(ch)).await
+}
+
+async fn push_latency_on(url: &str, mut broker: Broker) -> Vec<Duration> {
     celery_keda_scaler::install_crypto_provider();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap();
@@ -55,11 +139,10 @@ async fn push_latency(url: &str) -> Vec<Duration> {
     let mut client = ExternalScalerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let redis = redis::Client::open(url).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let mut samples = Vec::with_capacity(PUSH_RUNS);
     for i in 0..PUSH_RUNS {
         let queue = format!("bench-push-{}-{i}", std::process::id());
+        broker.prepare(&queue).await;
         let meta: HashMap<String, String> = [("brokerUrl", url), ("queues", queue.as_str())]
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -77,22 +160,13 @@ async fn push_latency(url: &str) -> Vec<Duration> {
         let phase = 250 + (i * 37 % 200) as u64;
         tokio::time::sleep(Duration::from_millis(phase)).await;
         let start = Instant::now();
-        let _: i64 = redis::cmd("LPUSH")
-            .arg(&queue)
-            .arg("{}")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        broker.publish(&queue).await;
         let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .unwrap();
         assert!(msg.unwrap().unwrap().result);
         samples.push(start.elapsed());
-        let _: i64 = redis::cmd("DEL")
-            .arg(&queue)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        broker.remove(&queue).await;
     }
     let _ = tx.send(());
     let _ = server.await;
@@ -179,6 +253,14 @@ fn main() {
         "push latency (Redis)",
         samples,
         "p50 <= 300 ms, p99 <= 600 ms (issue 6); < 1 s (issue 2)",
+    );
+    let amqp = std::env::var("CKS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672//".into());
+    let samples = rt.block_on(push_latency_rabbit(&amqp));
+    report(
+        "push latency (RabbitMQ)",
+        samples,
+        "p50 <= 300 ms, p99 <= 600 ms (issue 6)",
     );
     let (times, rss) = startup(&bin);
     report("start-up to listening", times, "<= 100 ms");
