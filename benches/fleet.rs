@@ -158,20 +158,8 @@ fn main() {
     }
     celery_keda_scaler::install_crypto_provider();
     let url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let root = env!("CARGO_MANIFEST_DIR");
-    let status = Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "--bin",
-            "celery-keda-scaler",
-        ])
-        .current_dir(root)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let bin = format!("{root}/target/release/celery-keda-scaler");
+    // Built by cargo with this benchmark, in the same profile.
+    let bin = env!("CARGO_BIN_EXE_celery-keda-scaler").to_string();
     let mut redis_conn = redis::Client::open(url.as_str())
         .unwrap()
         .get_connection()

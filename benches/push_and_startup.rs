@@ -231,22 +231,9 @@ fn main() {
         return;
     }
     let url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let bin = std::env::var("CKS_SCALER_BIN").unwrap_or_else(|_| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let status = std::process::Command::new("cargo")
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "--bin",
-                "celery-keda-scaler",
-            ])
-            .current_dir(root)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        format!("{root}/target/release/celery-keda-scaler")
-    });
+    // Built by cargo with this benchmark, in the same profile.
+    let bin = std::env::var("CKS_SCALER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_celery-keda-scaler").to_string());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let samples = rt.block_on(push_latency(&url));
     report(

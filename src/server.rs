@@ -56,6 +56,9 @@ impl Default for ServeSettings {
     }
 }
 
+/// HTTP/2 connection-level receive window (see `serve`).
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -141,6 +144,10 @@ pub async fn serve(
     tracing::info!(listen = ?addr, "Serving gRPC");
     let server = Server::builder()
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
+        // KEDA opens every external-push stream on one connection, each with one small request
+        // DATA frame; h2 caps buffered small frames at half the connection window, so a default
+        // (64 KiB) window makes thousands of streams opened at once end in ENHANCE_YOUR_CALM.
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
