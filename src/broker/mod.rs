@@ -26,7 +26,7 @@ pub struct DepthQuery {
     pub queues: Vec<String>,
     /// Count delivered but unacknowledged tasks (reserved, ETA, `acks_late` running).
     pub in_flight: bool,
-    /// Count running tasks that were already acknowledged (counted by a later capability).
+    /// Count running tasks that were already acknowledged (from the worker census).
     pub running: bool,
     /// Backend-specific key layout.
     pub layout: Layout,
