@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Small per-stream buffers (src/codec.rs): thousands of streams stay cheap.
+        .codec_path("crate::codec::SmallCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

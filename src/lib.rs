@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`proto`]: code generated from `proto/externalscaler.proto`.
+//! - [`proto`]: code generated from `proto/externalscaler.proto`, with the [`codec`] (prost, small buffers).
 //! - [`metadata`]: trigger metadata (the user-facing contract) into a validated `Trigger`.
 //! - [`broker`]: the `Broker` trait, depth types, the per-broker client registry, and one folder
 //!   per backend (`broker::redis`).
@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod broker;
 pub mod census;
+pub mod codec;
 pub mod error;
 pub mod grpc;
 pub mod hub;
