@@ -173,7 +173,7 @@ impl Metrics {
             for (state, value) in [
                 ("ready", q.ready_total()),
                 ("in_flight", q.in_flight),
-                ("running", q.running),
+                ("running", q.running()),
             ] {
                 self.queue_depth
                     .get_or_create(&QueueLabels {

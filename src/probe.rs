@@ -84,11 +84,11 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
                 queue.in_flight
             );
         }
-        if q.running && queue.running > 0 {
+        if q.running && queue.running() > 0 {
             let _ = writeln!(
                 out,
                 "  running    {:>8}  running, already acknowledged",
-                queue.running
+                queue.running()
             );
         }
     }

@@ -132,7 +132,6 @@ impl Core {
                     .acknowledged_in(&q.queue)
                     .map(|t| t.worker.clone())
                     .collect();
-                q.running = q.running_workers.len() as u64;
             }
         }
         Ok(depth)

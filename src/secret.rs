@@ -77,6 +77,16 @@ pub fn redact_urls(text: &str) -> String {
     out
 }
 
+/// Redacts URL passwords in `text` (see [`redact_urls`]) and every occurrence of `secret`: for
+/// error text from client libraries, which may quote a credential outside a URL.
+pub fn scrub(text: &str, secret: Option<&Secret>) -> String {
+    let text = redact_urls(text);
+    match secret {
+        Some(s) if !s.expose().is_empty() => text.replace(s.expose(), "***"),
+        _ => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +124,17 @@ mod tests {
             redact_urls("sqs://KEY:a/b@host:1/x"),
             "sqs://KEY:***@host:1/x"
         );
+    }
+
+    #[test]
+    fn scrub_removes_bare_secrets_too() {
+        let s = Secret::new("hunter2");
+        assert_eq!(
+            scrub("auth hunter2 failed for redis://:hunter2@h", Some(&s)),
+            "auth *** failed for redis://:***@h"
+        );
+        assert_eq!(scrub("x", Some(&Secret::new(""))), "x");
+        assert_eq!(scrub("redis://:p@h", None), "redis://:***@h");
     }
 
     #[test]

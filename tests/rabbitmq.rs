@@ -39,23 +39,6 @@ async fn settle(scaler: &Scaler, m: &HashMap<String, String>, expected: i64) {
     .await;
 }
 
-async fn wait_started(marker: &str, n: i64) {
-    let url = redis_url();
-    let conn = raw_redis(&url).await;
-    wait_for(&format!("{n} tasks started"), SETTLE, || {
-        let mut conn = conn.clone();
-        async move {
-            let v: Option<i64> = redis::cmd("GET")
-                .arg(marker)
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            (v == Some(n)).then_some(())
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_queue_and_several_queues() {
     let vhost = Vhost::create().await;

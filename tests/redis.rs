@@ -28,23 +28,6 @@ async fn wait_llen(url: &str, key: &str, len: i64) {
     let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
 }
 
-/// Waits until counter `marker` (incremented by each started `cks.sleep`) reaches `n`.
-async fn wait_started(url: &str, marker: &str, n: i64) {
-    let conn = raw_redis(url).await;
-    wait_for(&format!("{n} tasks started ({marker})"), SETTLE, || {
-        let mut conn = conn.clone();
-        async move {
-            let v: Option<i64> = redis::cmd("GET")
-                .arg(marker)
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            (v == Some(n)).then_some(())
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_queue_is_celery() {
     let url = redis_url();
@@ -202,7 +185,7 @@ async fn worker_reserved_tasks_are_in_flight_with_early_ack() {
     );
     conf.publish(&b, &["--count", "3"]);
     let _worker = conf.worker(&[&a], 2);
-    wait_started(&url, &marker, 2).await;
+    wait_started(&marker, 2).await;
     wait_llen(&url, &a, 6).await;
 
     let scaler = Scaler::start().await;
@@ -244,7 +227,7 @@ async fn worker_running_tasks_are_in_flight_with_acks_late() {
         &["--count", "10", "--seconds", "120", "--marker", &marker],
     );
     let _worker = conf.worker(&[&q], 2);
-    wait_started(&url, &marker, 2).await;
+    wait_started(&marker, 2).await;
     wait_llen(&url, &q, 8).await;
 
     let scaler = Scaler::start().await;

@@ -110,21 +110,7 @@ async fn worker_reserved_tasks_are_not_visible_and_counted_in_flight() {
         &["--count", "6", "--seconds", "120", "--marker", &marker],
     );
     let worker = conf.worker(&["work"], 1);
-    let url = redis_url();
-    let conn = raw_redis(&url).await;
-    wait_for("1 task started", Duration::from_secs(90), || {
-        let mut conn = conn.clone();
-        let marker = marker.clone();
-        async move {
-            let v: Option<i64> = redis::cmd("GET")
-                .arg(&marker)
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            (v == Some(1)).then_some(())
-        }
-    })
-    .await;
+    wait_started(&marker, 1).await;
     let sqs_name = format!("{p}work");
     // The worker has reserved what it wants once 5 = visible + not visible (1 running, deleted).
     let (visible, not_visible) = wait_for("reservations settle", Duration::from_secs(60), || {
@@ -146,7 +132,7 @@ async fn worker_reserved_tasks_are_not_visible_and_counted_in_flight() {
     );
     assert!(not_visible >= 1 && visible < 5);
     drop(worker);
-    cleanup_redis(&url, "", &[&marker]).await;
+    cleanup_redis(&redis_url(), "", &[&marker]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,9 +60,8 @@ pub struct QueueDepth {
     pub ready: Vec<ReadyPart>,
     /// Delivered, not yet acknowledged; 0 when the query did not ask for it.
     pub in_flight: u64,
-    /// Running and already acknowledged; 0 when the query did not ask for it.
-    pub running: u64,
-    /// The workers running those tasks, one entry per task (for `probe`).
+    /// Running and already acknowledged, by the worker running each (one entry per task);
+    /// empty when the query did not ask for it.
     pub running_workers: Vec<String>,
 }
 
@@ -72,9 +71,14 @@ impl QueueDepth {
         self.ready.iter().map(|p| p.count).sum()
     }
 
+    /// Running tasks that were already acknowledged.
+    pub fn running(&self) -> u64 {
+        self.running_workers.len() as u64
+    }
+
     /// What this queue adds to the depth.
     pub fn total(&self) -> u64 {
-        self.ready_total() + self.in_flight + self.running
+        self.ready_total() + self.in_flight + self.running()
     }
 }
 

@@ -20,7 +20,7 @@ pub use target::{AmqpTls, Management, RabbitTarget, MANAGEMENT_PORT};
 use super::census::{active_request, Census, MAILBOX, REPLY_EXCHANGE};
 use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
-use crate::secret::redact_urls;
+use crate::secret::{redact_urls, scrub};
 
 /// Trigger options for RabbitMQ: where the management API is.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -288,11 +288,7 @@ impl RabbitBroker {
 
     fn convert(&self, err: lapin::Error, stage: Stage) -> Error {
         let broker = self.target.redacted();
-        let mut text = redact_urls(&err.to_string());
-        let pw = self.target.password.expose();
-        if !pw.is_empty() {
-            text = text.replace(pw, "***");
-        }
+        let text = scrub(&err.to_string(), Some(&self.target.password));
         let msg = format!("RabbitMQ broker {broker}: {text}");
         match err.kind() {
             lapin::ErrorKind::ProtocolError(amqp) => match (amqp.kind(), stage) {
@@ -473,7 +469,6 @@ impl Broker for RabbitBroker {
                         count: ready,
                     }],
                     in_flight,
-                    running: 0,
                     running_workers: Vec::new(),
                 })
                 .collect(),

@@ -62,8 +62,8 @@ fn decode(part: &str) -> String {
 impl RabbitTarget {
     /// Parses a Celery AMQP broker URL from metadata key (or env var) `key`.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
-        let shown = redact_urls(raw);
-        let bad = |why: &str| Error::invalid(key, format!("{why} in `{shown}`"));
+        // Redacted only when an error is built: parsing runs on every request.
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_urls(raw)));
         if raw.contains(';') {
             return Err(bad(
                 "several `;`-separated URLs (failover lists) are not supported: give one",
@@ -164,17 +164,20 @@ impl RabbitTarget {
 impl Management {
     /// Parses `managementUrl`; credentials missing from it are taken from the AMQP URL.
     pub fn parse(raw: &str, amqp: &RabbitTarget) -> Result<Self> {
-        let shown = redact_urls(raw);
+        let shown = || redact_urls(raw);
         let mut url = Url::parse(raw.trim()).map_err(|e| {
             Error::invalid(
                 "managementUrl",
-                format!("not a valid URL ({e}) in `{shown}`"),
+                format!("not a valid URL ({e}) in `{}`", shown()),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(Error::invalid(
                 "managementUrl",
-                format!("must be an http:// or https:// URL with a host, got `{shown}`"),
+                format!(
+                    "must be an http:// or https:// URL with a host, got `{}`",
+                    shown()
+                ),
             ));
         }
         let username = Some(decode(url.username())).filter(|u| !u.is_empty());

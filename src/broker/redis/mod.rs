@@ -23,7 +23,7 @@ pub use target::{RedisAddr, RedisTarget, TlsSettings};
 use super::census::Census;
 use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
-use crate::secret::redact_urls;
+use crate::secret::{redact_urls, scrub};
 
 /// How the connection to the server is obtained.
 enum Source {
@@ -226,12 +226,7 @@ fn convert(redacted: &str, target: &RedisTarget, err: redis::RedisError) -> Erro
     let raw = first
         .as_ref()
         .map_or_else(|| err.to_string(), |(_, t)| t.clone());
-    let mut text = redact_urls(&raw);
-    if let Some(pw) = &target.password {
-        if !pw.expose().is_empty() {
-            text = text.replace(pw.expose(), "***");
-        }
-    }
+    let text = scrub(&raw, target.password.as_ref());
     let msg = format!("Redis broker {redacted}: {text}");
     match code {
         Some("WRONGPASS" | "NOAUTH") => return Error::Unauthenticated(msg),
@@ -411,7 +406,6 @@ impl Broker for RedisBroker {
                 queue: queue.clone(),
                 ready,
                 in_flight: 0,
-                running: 0,
                 running_workers: Vec::new(),
             });
         }

@@ -69,8 +69,8 @@ fn decode(part: &str) -> String {
 impl RedisTarget {
     /// Parses a Celery Redis broker URL that came from metadata key (or env var) `key`.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
-        let shown = redact_urls(raw);
-        let bad = |why: &str| Error::invalid(key, format!("{why} in `{shown}`"));
+        // Redacted only when an error is built: parsing runs on every request.
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_urls(raw)));
         let parts: Vec<&str> = raw
             .split(';')
             .map(str::trim)

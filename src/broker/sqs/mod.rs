@@ -19,7 +19,7 @@ pub use target::{parse_endpoint, parse_region, sqs_queue_name, SqsTarget};
 
 use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
-use crate::secret::redact_urls;
+use crate::secret::scrub;
 
 /// Region used when neither `awsRegion` nor the scaler's environment names one.
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -99,12 +99,8 @@ impl SqsBroker {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        let mut text = redact_urls(&DisplayErrorContext(&err).to_string());
-        if let Some((_, secret)) = &self.target.access_key {
-            if !secret.expose().is_empty() {
-                text = text.replace(secret.expose(), "***");
-            }
-        }
+        let secret = self.target.access_key.as_ref().map(|(_, s)| s);
+        let text = scrub(&DisplayErrorContext(&err).to_string(), secret);
         let msg = format!(
             "SQS {}: queue `{sqs}` (Celery queue `{celery}`): {text}",
             self.target.redacted()
@@ -225,7 +221,6 @@ impl SqsBroker {
                 count: ready,
             }],
             in_flight: not_visible,
-            running: 0,
             running_workers: Vec::new(),
         })
     }

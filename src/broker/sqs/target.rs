@@ -34,8 +34,8 @@ fn decode(part: &str) -> String {
 impl SqsTarget {
     /// Parses a Celery SQS broker URL from metadata key (or env var) `key`.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
-        let shown = redact_urls(raw);
-        let bad = |why: &str| Error::invalid(key, format!("{why} in `{shown}`"));
+        // Redacted only when an error is built: parsing runs on every request.
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_urls(raw)));
         // Celery spells "credentials, AWS endpoint" as `sqs://KEY:SECRET@` (no host), which a URL
         // parser rejects: give it a placeholder host and drop it again below.
         const NO_HOST: &str = "no-host.invalid";
