@@ -84,12 +84,19 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
                 queue.in_flight
             );
         }
-        if q.running && queue.running() > 0 {
+        if q.running && !sqs {
             let _ = writeln!(
                 out,
-                "  running    {:>8}  running, already acknowledged",
+                "  running    {:>8}  running, already acknowledged (worker census)",
                 queue.running()
             );
+            let mut per_worker: std::collections::BTreeMap<&str, u64> = Default::default();
+            for w in &queue.running_workers {
+                *per_worker.entry(w.as_str()).or_default() += 1;
+            }
+            for (worker, n) in per_worker {
+                let _ = writeln!(out, "             {n:>8}  on {worker}");
+            }
         }
     }
     let total = depth.total();

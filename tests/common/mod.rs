@@ -906,6 +906,28 @@ pub async fn running_tasks_keep_the_scaler_active(
     expect_depth(&scaler, &counting(broker, queue, true, true), 2, bound).await;
     expect_depth(&scaler, &counting(broker, queue, false, true), 2, bound).await;
     expect_depth(&scaler, &counting(broker, other, true, true), 0, bound).await;
+    // `probe` shows them per worker.
+    let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+        .args([
+            "probe",
+            &format!("brokerUrl={broker}"),
+            &format!("queues={queue}"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let running: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("running, already acknowledged"))
+        .collect();
+    assert_eq!(running.len(), 1, "{text}");
+    assert_eq!(running[0].split_whitespace().nth(1), Some("2"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("2  on w-") && l.ends_with("@localhost")),
+        "{text}"
+    );
     // When they finish: back to 0 within the census bound.
     expect_depth(&scaler, &counting(broker, queue, true, true), 0, bound).await;
     drop(worker);
