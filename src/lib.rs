@@ -16,6 +16,7 @@
 //! - [`probe`]: the `probe` command's reading and rendering.
 //! - [`error`]: the semantic error type and its one mapping to gRPC codes.
 //! - [`secret`]: credential wrapper and URL redaction.
+//! - [`tls`]: TLS / mTLS on the gRPC port, with certificate files reloaded when they change.
 pub mod admin;
 pub mod broker;
 pub mod census;
@@ -30,6 +31,7 @@ pub mod scaler;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 /// Code generated from `proto/externalscaler.proto`.
 pub mod proto {

@@ -1,6 +1,7 @@
 //! The `celery-keda-scaler` binary: command-line parsing, then `serve` or `probe` from the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
 use celery_keda_scaler::server::{serve, ServeSettings};
 use celery_keda_scaler::telemetry::{self, LogFormat};
+use celery_keda_scaler::tls::{Reloader, TlsSettings};
 use celery_keda_scaler::{install_crypto_provider, probe};
 
 /// KEDA external scaler for Celery: exact queue depth from Redis.
@@ -25,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the KEDA ExternalScaler gRPC API (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print one depth reading with its breakdown, for the same keys as trigger metadata.
     Probe(ProbeArgs),
 }
@@ -79,6 +81,22 @@ struct ServeArgs {
         default_value_t = 16_384
     )]
     max_concurrent_streams: u32,
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key-file; KEDA's `enableTLS`).
+    #[arg(long, env = "CELERY_KEDA_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key for --tls-cert-file.
+    #[arg(long, env = "CELERY_KEDA_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mTLS; KEDA's `tlsClientCert`).
+    #[arg(
+        long,
+        env = "CELERY_KEDA_TLS_CLIENT_CA_FILE",
+        requires = "tls_cert_file"
+    )]
+    tls_client_ca_file: Option<PathBuf>,
+    /// How often the TLS files are re-read; changed files apply to new connections.
+    #[arg(long, env = "CELERY_KEDA_TLS_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    tls_reload_interval: Duration,
     #[command(flatten)]
     common: Common,
 }
@@ -110,7 +128,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
         .command
-        .unwrap_or_else(|| Command::Serve(ServeArgs::parse_from_env()));
+        .unwrap_or_else(|| Command::Serve(Box::new(ServeArgs::parse_from_env())));
     install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,7 +149,7 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::Serve(args) => runtime.block_on(run_serve(args, env)),
+        Command::Serve(args) => runtime.block_on(run_serve(*args, env)),
         Command::Probe(args) => runtime.block_on(run_probe(args, env)),
     }
 }
@@ -149,6 +167,22 @@ impl ServeArgs {
 
 async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
     telemetry::init(args.common.log_format, "info");
+    let tls = match (args.tls_cert_file, args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(TlsSettings {
+            cert,
+            key,
+            client_ca: args.tls_client_ca_file,
+            reload_interval: args.tls_reload_interval,
+        }),
+        _ => None,
+    };
+    // The certificate files are checked before anything binds.
+    if let Some(tls) = &tls {
+        if let Err(e) = Reloader::load(tls.clone()) {
+            eprintln!("error: invalid TLS configuration: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let grpc = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -182,6 +216,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         sqs_stream_poll_interval: args.sqs_stream_poll_interval,
         shutdown_grace: args.shutdown_grace,
         max_concurrent_streams: args.max_concurrent_streams,
+        tls,
     };
     match serve(grpc, Some(admin), env, settings, shutdown_signal()).await {
         Ok(()) => {

@@ -35,6 +35,11 @@ struct BrokerErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabels {
     broker: &'static str,
     queue: String,
@@ -53,6 +58,8 @@ pub struct Metrics {
     polls: Gauge,
     census_age: Family<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     census_failures: Family<BrokerLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
+    tls_handshake_failures: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -82,6 +89,18 @@ impl Metrics {
         let census_age =
             Family::<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let census_failures = Family::<BrokerLabels, Counter>::default();
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_reloads",
+            "Certificate file changes seen on the gRPC port, by result (ok, error: the old certificates stay)",
+            tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "gRPC connections dropped because the TLS handshake failed or timed out",
+            tls_handshake_failures.clone(),
+        );
         registry.register(
             "census_age_seconds",
             "Age of the worker census used by the last reading that counted running tasks",
@@ -134,7 +153,21 @@ impl Metrics {
             polls,
             census_age,
             census_failures,
+            tls_reloads,
+            tls_handshake_failures,
         }
+    }
+
+    /// Counts one reload of the TLS files (`ok` or `error`).
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts one failed TLS handshake.
+    pub fn tls_handshake_failure(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     /// Records the age of the census a reading used.

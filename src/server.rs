@@ -19,6 +19,7 @@ use crate::metadata::BrokerEnv;
 use crate::metrics::Metrics;
 use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Core, CoreSettings};
+use crate::tls::{self, Reloader, TlsError, TlsSettings};
 
 /// Everything `serve` needs, validated before anything binds.
 #[derive(Clone, Debug)]
@@ -39,6 +40,8 @@ pub struct ServeSettings {
     pub shutdown_grace: Duration,
     /// HTTP/2 concurrent streams per connection: KEDA multiplexes every trigger on one.
     pub max_concurrent_streams: u32,
+    /// TLS (and mTLS) on the gRPC port; plaintext when `None`.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ServeSettings {
@@ -52,6 +55,7 @@ impl Default for ServeSettings {
             sqs_stream_poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_streams: 16_384,
+            tls: None,
         }
     }
 }
@@ -68,6 +72,8 @@ pub enum ServeError {
     Admin(#[from] std::io::Error),
     #[error("reflection service could not be built: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Serves gRPC on `grpc` and the admin port on `admin` (if any) until `shutdown` resolves; then
@@ -80,7 +86,14 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tls_reloader = settings
+        .tls
+        .clone()
+        .map(Reloader::load)
+        .transpose()?
+        .map(Arc::new);
     let metrics = Arc::new(Metrics::new());
+    let tls_metrics = metrics.clone();
     let core = Arc::new(Core::new(
         env,
         CoreSettings {
@@ -141,8 +154,13 @@ pub async fn serve(
     });
 
     let addr = grpc.local_addr().ok();
-    tracing::info!(listen = ?addr, "Serving gRPC");
-    let server = Server::builder()
+    tracing::info!(
+        listen = ?addr,
+        tls = tls_reloader.is_some(),
+        mutual_tls = tls_reloader.as_ref().is_some_and(|r| r.mutual()),
+        "Serving gRPC"
+    );
+    let router = Server::builder()
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
         // KEDA opens every external-push stream on one connection, each with one small request
         // DATA frame; h2 caps buffered small frames at half the connection window, so a default
@@ -151,8 +169,14 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ExternalScalerServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), begin);
+        .add_service(ExternalScalerServer::new(service));
+    let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls_reloader {
+        Some(reloader) => Box::pin(router.serve_with_incoming_shutdown(
+            tls::incoming(grpc, reloader, tls_metrics, token.clone()),
+            begin,
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), begin)),
+    };
 
     let grace = settings.shutdown_grace;
     let result = tokio::select! {
