@@ -9,6 +9,7 @@
 //! - [`scaler`]: the core: metadata to trigger, depth reading within the deadline.
 //! - [`census`]: the shared background worker census (Celery `inspect active`) behind `scaleOnRunning`.
 //! - [`hub`]: shared background polls behind `StreamIsActive`.
+//! - [`health`]: `grpc.health.v1` whose watches end when shutdown begins.
 //! - [`grpc`]: the `ExternalScaler` service over the core and the hub.
 //! - [`server`]: `serve`, wiring gRPC (with health and reflection) and the admin port, with
 //!   shutdown passed in as a future.
@@ -23,6 +24,7 @@ pub mod census;
 pub mod codec;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod hub;
 pub mod metadata;
 pub mod metrics;

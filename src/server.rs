@@ -14,6 +14,7 @@ use tonic::transport::Server;
 use crate::admin::{self, AdminState};
 use crate::census::CensusSettings;
 use crate::grpc::Service;
+use crate::health;
 use crate::hub::{Hub, PollIntervals};
 use crate::metadata::BrokerEnv;
 use crate::metrics::Metrics;
@@ -115,7 +116,7 @@ pub async fn serve(
     let hub = Hub::new(core.clone(), intervals, token.clone());
     let service = Service::new(core, hub, token.clone());
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (health_reporter, health_service) = health::service(token.clone());
     health_reporter
         .set_serving::<ExternalScalerServer<Service>>()
         .await;
@@ -139,6 +140,10 @@ pub async fn serve(
             admin_state.ready.store(false, Ordering::Relaxed);
             health_reporter
                 .set_not_serving::<ExternalScalerServer<Service>>()
+                .await;
+            // "" is the whole server: what a Kubernetes gRPC probe without `service` asks.
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             token.cancel();
         }

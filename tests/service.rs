@@ -685,3 +685,112 @@ async fn result_window_absorbs_repeated_polls() {
     );
     cleanup_redis(&url, "", &[&a]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flips_health_ends_streams_and_lets_inflight_rpcs_finish() {
+    // A broker that accepts and never answers: a GetMetrics on it is in flight for the deadline.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--deadline", "2s", "--shutdown-grace", "8s"])
+        .env_remove("CELERY_BROKER_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the scaler listens", HANG, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient::new(
+        channel.clone(),
+    );
+    // Health is watched over a connection of its own, as a kubelet probe has.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "externalscaler.ExternalScaler".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+    let m = meta(&[("brokerUrl", &redis_url()), ("queues", &unique("term"))]);
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    let hanging = meta(&[("brokerUrl", &format!("redis://127.0.0.1:{hang_port}/0"))]);
+    let mut inflight_client = client.clone();
+    let inflight = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = inflight_client.is_active(object_ref(&hanging)).await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let sent = Instant::now();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Health reports NOT_SERVING to watchers.
+    let next = tokio::time::timeout(HANG, watch.message())
+        .await
+        .expect("health update");
+    assert_eq!(
+        next.unwrap().unwrap().status,
+        2,
+        "NOT_SERVING after SIGTERM"
+    );
+    // The open stream ends with status OK.
+    let end = tokio::time::timeout(HANG, stream.message())
+        .await
+        .expect("stream ends");
+    assert!(
+        matches!(end, Ok(None)),
+        "stream must end with OK, got {end:?}"
+    );
+    // The RPC in flight is answered (its own deadline), not cut off.
+    let (r, took) = inflight.await.unwrap();
+    assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    // And the process exits 0 within the grace period.
+    let status = wait_for("the scaler exits", HANG, || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        sent.elapsed()
+    );
+}
