@@ -5,7 +5,7 @@
 #
 #   scripts/test.sh                  everything
 #   scripts/test.sh redis            arguments are passed to `cargo test --all-targets`
-#   CKS_SKIP_CHECKS=1 scripts/test.sh    skip `cargo fmt --check` and clippy
+#   CKS_SKIP_CHECKS=1 scripts/test.sh    skip `cargo fmt --check`, clippy and the manifest checks
 #   eval "$(CKS_ENV_ONLY=1 scripts/test.sh)"
 #                                    only prepare the environment and print `export`
 #                                    lines for it (moto keeps running in the background)
@@ -336,6 +336,8 @@ if [ "$SKIP_CHECKS" != 1 ]; then
     cargo fmt --check
     log "cargo clippy --all-targets -- -D warnings"
     cargo clippy --all-targets -- -D warnings
+    log "Kubernetes manifests (scripts/validate-manifests.sh)"
+    CKS_VENV="$VENV" bash scripts/validate-manifests.sh >&2
 fi
 log "cargo test --all-targets${*:+ $*}"
 cargo test --all-targets "$@"

@@ -32,6 +32,20 @@ pub const KEYS: &[&str] = &[
     "awsEndpoint",
 ];
 
+/// Keys of a trigger's metadata that KEDA's `external` / `external-push` scaler reads itself
+/// (address and TLS to this scaler; `tlsCertFile` in older KEDA). KEDA passes all metadata on, so
+/// these arrive too; this scaler ignores them and never echoes their values (`tlsClientKey` put
+/// under `metadata:` instead of a TriggerAuthentication is a private key).
+pub const KEDA_KEYS: &[&str] = &[
+    "scalerAddress",
+    "enableTLS",
+    "unsafeSsl",
+    "tlsCertFile",
+    "caCert",
+    "tlsClientCert",
+    "tlsClientKey",
+];
+
 /// Default `queueLength`: target tasks per replica.
 pub const DEFAULT_QUEUE_LENGTH: f64 = 5.0;
 /// Longest metric name KEDA and Kubernetes handle comfortably.

@@ -19,11 +19,6 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MethodLabels {
-    method: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BrokerLabels {
     broker: &'static str,
 }
@@ -50,7 +45,7 @@ struct QueueLabels {
 pub struct Metrics {
     registry: Mutex<Registry>,
     rpcs: Family<RpcLabels, Counter>,
-    rpc_seconds: Family<MethodLabels, Histogram>,
+    rpc_seconds: Family<RpcLabels, Histogram>,
     broker_seconds: Family<BrokerLabels, Histogram>,
     broker_errors: Family<BrokerErrorLabels, Counter>,
     queue_depth: Family<QueueLabels, Gauge>,
@@ -78,8 +73,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("celery_keda");
         let rpcs = Family::<RpcLabels, Counter>::default();
-        let rpc_seconds =
-            Family::<MethodLabels, Histogram>::new_with_constructor(latency_histogram);
+        let rpc_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(latency_histogram);
         let broker_seconds =
             Family::<BrokerLabels, Histogram>::new_with_constructor(latency_histogram);
         let broker_errors = Family::<BrokerErrorLabels, Counter>::default();
@@ -118,7 +112,7 @@ impl Metrics {
         );
         registry.register(
             "rpc_duration_seconds",
-            "Time to answer a gRPC request, by method",
+            "Time to answer a gRPC request, by method and status code",
             rpc_seconds.clone(),
         );
         registry.register(
@@ -186,15 +180,12 @@ impl Metrics {
 
     /// Counts one answered RPC.
     pub fn rpc(&self, method: &'static str, code: tonic::Code, seconds: f64) {
-        self.rpcs
-            .get_or_create(&RpcLabels {
-                method,
-                code: code_label(code),
-            })
-            .inc();
-        self.rpc_seconds
-            .get_or_create(&MethodLabels { method })
-            .observe(seconds);
+        let labels = RpcLabels {
+            method,
+            code: code_label(code),
+        };
+        self.rpcs.get_or_create(&labels).inc();
+        self.rpc_seconds.get_or_create(&labels).observe(seconds);
     }
 
     /// Records one successful broker reading and the per-queue gauges.
