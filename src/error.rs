@@ -68,10 +68,22 @@ impl Error {
     }
 }
 
+/// Longest status message sent: messages quote (redacted) input, and input can be large.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
 /// The one place where scaler errors become gRPC statuses.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        Status::new(err.code(), err.to_string())
+        let mut message = err.to_string();
+        if message.len() > MAX_STATUS_MESSAGE {
+            let mut end = MAX_STATUS_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("... (truncated)");
+        }
+        Status::new(err.code(), message)
     }
 }
 
@@ -90,6 +102,14 @@ mod tests {
             status.message(),
             "metadata key `queueLength`: must be > 0, got \"-1\""
         );
+    }
+
+    #[test]
+    fn long_messages_are_truncated_on_a_char_boundary() {
+        let status = Status::from(Error::invalid("queues", "é".repeat(5000)));
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE + "... (truncated)".len());
+        assert!(status.message().ends_with("... (truncated)"));
+        assert!(status.message().starts_with("metadata key `queues`: é"));
     }
 
     #[test]

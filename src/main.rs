@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::metadata::{BrokerEnv, Limits};
 use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
 use celery_keda_scaler::server::{serve, ServeSettings};
@@ -97,6 +97,21 @@ struct ServeArgs {
     /// How often the TLS files are re-read; changed files apply to new connections.
     #[arg(long, env = "CELERY_KEDA_TLS_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "10s")]
     tls_reload_interval: Duration,
+    /// Most entries in one trigger's metadata map.
+    #[arg(long, env = "CELERY_KEDA_MAX_METADATA_KEYS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_metadata_keys: u32,
+    /// Most bytes in the value of a metadata key the scaler reads.
+    #[arg(long, env = "CELERY_KEDA_MAX_METADATA_VALUE_BYTES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    max_metadata_value_bytes: u32,
+    /// Most distinct queues in one trigger's `queues`.
+    #[arg(long, env = "CELERY_KEDA_MAX_QUEUES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_queues: u32,
+    /// Largest gRPC request message, in bytes.
+    #[arg(long, env = "CELERY_KEDA_MAX_REQUEST_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_request_bytes: u32,
+    /// Most (broker, queue) series in the celery_keda_queue_depth metric.
+    #[arg(long, env = "CELERY_KEDA_MAX_QUEUE_SERIES", default_value_t = 1000)]
+    max_queue_series: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -217,6 +232,13 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         shutdown_grace: args.shutdown_grace,
         max_concurrent_streams: args.max_concurrent_streams,
         tls,
+        limits: Limits {
+            max_keys: args.max_metadata_keys as usize,
+            max_value_bytes: args.max_metadata_value_bytes as usize,
+            max_queues: args.max_queues as usize,
+        },
+        max_request_bytes: args.max_request_bytes as usize,
+        max_queue_series: args.max_queue_series as usize,
     };
     match serve(grpc, Some(admin), env, settings, shutdown_signal()).await {
         Ok(()) => {

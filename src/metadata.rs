@@ -46,6 +46,31 @@ pub const KEDA_KEYS: &[&str] = &[
     "tlsClientKey",
 ];
 
+/// Bounds on what one trigger's metadata may hold, checked before anything else is parsed, so a
+/// hostile or broken client cannot make the scaler hold or echo unbounded input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries in the metadata map (KEDA's own keys included).
+    pub max_keys: usize,
+    /// Bytes in the value of a key the scaler reads.
+    pub max_value_bytes: usize,
+    /// Distinct queue names in `queues`.
+    pub max_queues: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_keys: 64,
+            max_value_bytes: 8 * 1024,
+            max_queues: 256,
+        }
+    }
+}
+
+/// Longest queue name accepted (RabbitMQ's limit; Redis and SQS names are shorter in practice).
+pub const MAX_QUEUE_NAME_BYTES: usize = 255;
+
 /// Default `queueLength`: target tasks per replica.
 pub const DEFAULT_QUEUE_LENGTH: f64 = 5.0;
 /// Longest metric name KEDA and Kubernetes handle comfortably.
@@ -112,8 +137,18 @@ impl Trigger {
     }
 }
 
-/// Parses trigger metadata. `env` supplies named and default brokers.
+/// Parses trigger metadata with the default [`Limits`]. `env` supplies named and default brokers.
 pub fn parse(meta: &HashMap<String, String>, env: &BrokerEnv) -> Result<Trigger> {
+    parse_with(meta, env, &Limits::default())
+}
+
+/// Parses trigger metadata within `limits`. `env` supplies named and default brokers.
+pub fn parse_with(
+    meta: &HashMap<String, String>,
+    env: &BrokerEnv,
+    limits: &Limits,
+) -> Result<Trigger> {
+    check_limits(meta, limits)?;
     let get = |key: &str| meta.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
 
     let (broker_source, target) = if let Some(url) = get("brokerUrl") {
@@ -152,7 +187,7 @@ pub fn parse(meta: &HashMap<String, String>, env: &BrokerEnv) -> Result<Trigger>
         return Err(Error::invalid("brokerUrl", message));
     };
 
-    let queues = parse_queues(meta.get("queues").map(String::as_str))?;
+    let queues = parse_queues(meta.get("queues").map(String::as_str), limits.max_queues)?;
     let queue_length = match get("queueLength") {
         None => DEFAULT_QUEUE_LENGTH,
         Some(v) => parse_number("queueLength", v, false)?,
@@ -253,7 +288,38 @@ fn suggestions(meta: &HashMap<String, String>) -> String {
     }
 }
 
-fn parse_queues(raw: Option<&str>) -> Result<Vec<String>> {
+/// The size checks of [`Limits`]; errors name the key (the map as a whole is `metadata`).
+fn check_limits(meta: &HashMap<String, String>, limits: &Limits) -> Result<()> {
+    if meta.len() > limits.max_keys {
+        return Err(Error::invalid(
+            "metadata",
+            format!(
+                "has {} keys, more than the {} this scaler accepts (--max-metadata-keys)",
+                meta.len(),
+                limits.max_keys
+            ),
+        ));
+    }
+    // Sorted so the same input always names the same key.
+    let mut oversized: Vec<(&String, usize)> = meta
+        .iter()
+        .filter(|(k, v)| KEYS.contains(&k.as_str()) && v.len() > limits.max_value_bytes)
+        .map(|(k, v)| (k, v.len()))
+        .collect();
+    oversized.sort();
+    if let Some((key, len)) = oversized.first() {
+        return Err(Error::invalid(
+            key.as_str(),
+            format!(
+                "value has {len} bytes, more than the {} this scaler accepts (--max-metadata-value-bytes)",
+                limits.max_value_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_queues(raw: Option<&str>, max_queues: usize) -> Result<Vec<String>> {
     let Some(raw) = raw else {
         return Ok(vec!["celery".to_string()]);
     };
@@ -272,7 +338,24 @@ fn parse_queues(raw: Option<&str>) -> Result<Vec<String>> {
                 format!("has an empty queue name in `{raw}`"),
             ));
         }
+        if name.len() > MAX_QUEUE_NAME_BYTES {
+            return Err(Error::invalid(
+                "queues",
+                format!(
+                    "has a queue name of {} bytes, longer than {MAX_QUEUE_NAME_BYTES}",
+                    name.len()
+                ),
+            ));
+        }
         if !queues.iter().any(|q| q == name) {
+            if queues.len() == max_queues {
+                return Err(Error::invalid(
+                    "queues",
+                    format!(
+                        "names more than {max_queues} distinct queues (--max-queues); split the trigger"
+                    ),
+                ));
+            }
             queues.push(name.to_string());
         }
     }

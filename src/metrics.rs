@@ -55,7 +55,14 @@ pub struct Metrics {
     census_failures: Family<BrokerLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
     tls_handshake_failures: Counter,
+    /// The (broker, queue) pairs exported in `queue_depth`, at most `max_queue_series`.
+    queue_series: Mutex<std::collections::HashSet<(&'static str, String)>>,
+    max_queue_series: usize,
+    queue_series_dropped: Counter,
 }
+
+/// Default bound on exported queue series.
+pub const DEFAULT_MAX_QUEUE_SERIES: usize = 1000;
 
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~6.5 s
@@ -69,8 +76,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every metric, with the default bound on queue series.
     pub fn new() -> Self {
+        Self::with_max_queue_series(DEFAULT_MAX_QUEUE_SERIES)
+    }
+
+    /// Registers every metric; at most `max_queue_series` (broker, queue) pairs get depth gauges.
+    pub fn with_max_queue_series(max_queue_series: usize) -> Self {
         let mut registry = Registry::with_prefix("celery_keda");
         let rpcs = Family::<RpcLabels, Counter>::default();
         let rpc_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(latency_histogram);
@@ -85,6 +97,12 @@ impl Metrics {
         let census_failures = Family::<BrokerLabels, Counter>::default();
         let tls_reloads = Family::<ResultLabels, Counter>::default();
         let tls_handshake_failures = Counter::default();
+        let queue_series_dropped = Counter::default();
+        registry.register(
+            "queue_series_dropped",
+            "Queue readings not exported in queue_depth because --max-queue-series was reached",
+            queue_series_dropped.clone(),
+        );
         registry.register(
             "tls_reloads",
             "Certificate file changes seen on the gRPC port, by result (ok, error: the old certificates stay)",
@@ -149,6 +167,9 @@ impl Metrics {
             census_failures,
             tls_reloads,
             tls_handshake_failures,
+            queue_series: Mutex::new(Default::default()),
+            max_queue_series,
+            queue_series_dropped,
         }
     }
 
@@ -194,6 +215,10 @@ impl Metrics {
             .get_or_create(&BrokerLabels { broker })
             .observe(seconds);
         for q in &depth.queues {
+            if !self.admit_series(broker, &q.queue) {
+                self.queue_series_dropped.inc();
+                continue;
+            }
             for (state, value) in [
                 ("ready", q.ready_total()),
                 ("in_flight", q.in_flight),
@@ -208,6 +233,21 @@ impl Metrics {
                     .set(i64::try_from(value).unwrap_or(i64::MAX));
             }
         }
+    }
+
+    /// Whether (broker, queue) has, or may get, depth gauges: label values come from client
+    /// metadata, so their number is bounded.
+    fn admit_series(&self, broker: &'static str, queue: &str) -> bool {
+        let mut series = self.queue_series.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (broker, queue.to_string());
+        if series.contains(&key) {
+            return true;
+        }
+        if series.len() >= self.max_queue_series {
+            return false;
+        }
+        series.insert(key);
+        true
     }
 
     /// Counts one failed broker reading.

@@ -21,6 +21,8 @@ pub struct CoreSettings {
     pub result_window: Duration,
     /// The worker census behind `scaleOnRunning`.
     pub census: CensusSettings,
+    /// Bounds on trigger metadata.
+    pub limits: metadata::Limits,
 }
 
 impl CoreSettings {
@@ -33,6 +35,7 @@ impl CoreSettings {
                 deadline,
                 ..CensusSettings::default()
             },
+            limits: metadata::Limits::default(),
         }
     }
 }
@@ -48,6 +51,7 @@ const MAX_CACHED_QUERIES: u64 = 100_000;
 /// Parses triggers and reads depths. Cheap to share behind an `Arc`.
 pub struct Core {
     env: BrokerEnv,
+    limits: metadata::Limits,
     registry: Registry,
     deadline: Duration,
     metrics: Arc<Metrics>,
@@ -62,6 +66,7 @@ impl Core {
     pub fn new(env: BrokerEnv, settings: CoreSettings, metrics: Arc<Metrics>) -> Self {
         Core {
             env,
+            limits: settings.limits,
             registry: Registry::new(ClientSettings {
                 timeout: settings.deadline,
             }),
@@ -77,7 +82,7 @@ impl Core {
 
     /// Validates metadata (no broker I/O).
     pub fn trigger(&self, meta: &HashMap<String, String>) -> Result<Trigger> {
-        metadata::parse(meta, &self.env)
+        metadata::parse_with(meta, &self.env, &self.limits)
     }
 
     /// The metrics this core records into.

@@ -16,7 +16,7 @@ use crate::census::CensusSettings;
 use crate::grpc::Service;
 use crate::health;
 use crate::hub::{Hub, PollIntervals};
-use crate::metadata::BrokerEnv;
+use crate::metadata::{BrokerEnv, Limits};
 use crate::metrics::Metrics;
 use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Core, CoreSettings};
@@ -43,6 +43,12 @@ pub struct ServeSettings {
     pub max_concurrent_streams: u32,
     /// TLS (and mTLS) on the gRPC port; plaintext when `None`.
     pub tls: Option<TlsSettings>,
+    /// Bounds on trigger metadata.
+    pub limits: Limits,
+    /// Largest gRPC request message accepted (a metadata map is a few KiB).
+    pub max_request_bytes: usize,
+    /// Most `celery_keda_queue_depth` series (broker, queue) exported; later queues are not.
+    pub max_queue_series: usize,
 }
 
 impl Default for ServeSettings {
@@ -57,6 +63,9 @@ impl Default for ServeSettings {
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_streams: 16_384,
             tls: None,
+            limits: Limits::default(),
+            max_request_bytes: 1024 * 1024,
+            max_queue_series: 1000,
         }
     }
 }
@@ -93,7 +102,7 @@ pub async fn serve(
         .map(Reloader::load)
         .transpose()?
         .map(Arc::new);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_max_queue_series(settings.max_queue_series));
     let tls_metrics = metrics.clone();
     let core = Arc::new(Core::new(
         env,
@@ -105,6 +114,7 @@ pub async fn serve(
                 window: settings.census_window,
                 deadline: settings.deadline,
             },
+            limits: settings.limits,
         },
         metrics.clone(),
     ));
@@ -174,7 +184,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ExternalScalerServer::new(service));
+        .add_service(
+            ExternalScalerServer::new(service)
+                .max_decoding_message_size(settings.max_request_bytes),
+        );
     let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls_reloader {
         Some(reloader) => Box::pin(router.serve_with_incoming_shutdown(
             tls::incoming(grpc, reloader, tls_metrics, token.clone()),

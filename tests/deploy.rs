@@ -131,7 +131,7 @@ fn resolve(found: &Found, docs: &[Value]) -> HashMap<String, String> {
     found
         .metadata
         .iter()
-        .filter_map(|(k, v)| {
+        .map(|(k, v)| {
             if k.ends_with("FromEnv") {
                 let resolved = container_env(&containers, v, docs).unwrap_or_else(|| {
                     panic!(
@@ -139,9 +139,9 @@ fn resolve(found: &Found, docs: &[Value]) -> HashMap<String, String> {
                         found.origin
                     )
                 });
-                Some((k.clone(), resolved))
+                (k.clone(), resolved)
             } else {
-                Some((k.clone(), v.clone()))
+                (k.clone(), v.clone())
             }
         })
         .collect()
