@@ -225,7 +225,7 @@ pub fn parse_with(
             }
             let management = match get("managementUrl") {
                 Some(raw) => Management::parse(raw, &t)?,
-                None => t.default_management(),
+                None => t.default_management()?,
             };
             (
                 BrokerTarget::RabbitMq(t),

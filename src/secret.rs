@@ -77,6 +77,24 @@ pub fn redact_urls(text: &str) -> String {
     out
 }
 
+/// How a broker URL given by a user (one URL, or a `;`-joined list) is quoted in an error.
+///
+/// Unlike [`redact_urls`], which must find URLs inside free text, this knows the whole input is
+/// the URL, so it can be strict: everything between the first `://` and the last `@` is replaced
+/// by `***`. A password may hold any character, unencoded `;`, `/`, `@` or quotes included, and
+/// none of it can survive; the host (of the last URL of a list) stays, which is what a person
+/// needs to recognise the broker.
+pub fn redact_url(raw: &str) -> String {
+    let Some(pos) = raw.find("://") else {
+        return redact_urls(raw);
+    };
+    let (head, tail) = raw.split_at(pos + 3);
+    match tail.rfind('@') {
+        Some(at) => format!("{head}***{}", &tail[at..]),
+        None => redact_urls(raw),
+    }
+}
+
 /// Redacts URL passwords in `text` (see [`redact_urls`]) and every occurrence of `secret`: for
 /// error text from client libraries, which may quote a credential outside a URL.
 pub fn scrub(text: &str, secret: Option<&Secret>) -> String {
@@ -90,6 +108,24 @@ pub fn scrub(text: &str, secret: Option<&Secret>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_url_loses_everything_up_to_its_last_at() {
+        assert_eq!(redact_url("redis://:p;w@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(
+            redact_url("sentinel://:a@h1;sentinel://:a@h2:26379"),
+            "sentinel://***@h2:26379"
+        );
+        assert_eq!(
+            redact_url("redis://`:pw@localhost"),
+            "redis://***@localhost"
+        );
+        assert_eq!(redact_url("sqs://AKIA:a/b+c@"), "sqs://***@");
+        assert_eq!(
+            redact_url("redis://localhost:6379/0"),
+            "redis://localhost:6379/0"
+        );
+    }
 
     #[test]
     fn secret_never_prints() {

@@ -6,7 +6,7 @@ use super::rabbitmq::RabbitTarget;
 use super::redis::RedisTarget;
 use super::sqs::SqsTarget;
 use crate::error::{Error, Result};
-use crate::secret::redact_urls;
+use crate::secret::redact_url;
 
 /// Which broker a trigger reads, with everything needed to connect to it.
 ///
@@ -39,7 +39,7 @@ impl BrokerTarget {
                     key,
                     format!(
                         "`{}` is not a URL: expected a Celery broker URL such as redis://host:6379/0",
-                        redact_urls(url)
+                        redact_url(url)
                     ),
                 )
             })?;
@@ -53,7 +53,7 @@ impl BrokerTarget {
                 key,
                 format!(
                     "unsupported broker scheme `{other}://` in `{}` (supported: redis://, rediss://, redis+socket://, sentinel://, amqp://, amqps://, pyamqp://, sqs://)",
-                    redact_urls(url)
+                    redact_url(url)
                 ),
             )),
         }

@@ -8,7 +8,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::secret::{redact_urls, Secret};
+use crate::secret::{redact_url, Secret};
 
 /// Default management API port.
 pub const MANAGEMENT_PORT: u16 = 15672;
@@ -63,7 +63,7 @@ impl RabbitTarget {
     /// Parses a Celery AMQP broker URL from metadata key (or env var) `key`.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
         // Redacted only when an error is built: parsing runs on every request.
-        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_urls(raw)));
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_url(raw)));
         if raw.contains(';') {
             return Err(bad(
                 "several `;`-separated URLs (failover lists) are not supported: give one",
@@ -146,25 +146,33 @@ impl RabbitTarget {
     }
 
     /// The management API derived from this URL: same host and credentials, `http://host:15672/`.
-    pub fn default_management(&self) -> Management {
+    /// Fails (naming `managementUrl`) for a host AMQP URLs allow but HTTP URLs do not.
+    pub fn default_management(&self) -> Result<Management> {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
         };
-        Management {
-            base: Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}/"))
-                .expect("a host from a parsed URL forms a URL"),
+        let base = Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}/")).map_err(|e| {
+            Error::invalid(
+                "managementUrl",
+                format!(
+                    "cannot be derived from the broker URL's host ({e}): set managementUrl, or scaleOnInFlight: \"false\""
+                ),
+            )
+        })?;
+        Ok(Management {
+            base,
             username: self.username.clone(),
             password: self.password.clone(),
-        }
+        })
     }
 }
 
 impl Management {
     /// Parses `managementUrl`; credentials missing from it are taken from the AMQP URL.
     pub fn parse(raw: &str, amqp: &RabbitTarget) -> Result<Self> {
-        let shown = || redact_urls(raw);
+        let shown = || redact_url(raw);
         let mut url = Url::parse(raw.trim()).map_err(|e| {
             Error::invalid(
                 "managementUrl",
@@ -271,7 +279,7 @@ mod tests {
     #[test]
     fn management_endpoints() {
         let t = parse("amqp://mon:pw@rabbit.svc:5672/prod");
-        let m = t.default_management();
+        let m = t.default_management().unwrap();
         assert_eq!(m.base.as_str(), "http://rabbit.svc:15672/");
         assert_eq!((m.username.as_str(), m.password.expose()), ("mon", "pw"));
         assert_eq!(

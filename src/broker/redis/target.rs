@@ -7,7 +7,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::secret::{redact_urls, Secret};
+use crate::secret::{redact_url, Secret};
 
 /// Default Redis port, as kombu uses it.
 const DEFAULT_PORT: u16 = 6379;
@@ -70,7 +70,7 @@ impl RedisTarget {
     /// Parses a Celery Redis broker URL that came from metadata key (or env var) `key`.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
         // Redacted only when an error is built: parsing runs on every request.
-        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_urls(raw)));
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_url(raw)));
         let parts: Vec<&str> = raw
             .split(';')
             .map(str::trim)

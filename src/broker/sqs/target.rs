@@ -7,7 +7,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::secret::{redact_urls, Secret};
+use crate::secret::{redact_url, Secret};
 
 /// One SQS client: region, endpoint and credentials. Equal targets share a client.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -35,7 +35,7 @@ impl SqsTarget {
     /// Parses a Celery SQS broker URL from metadata key (or env var) `key`.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
         // Redacted only when an error is built: parsing runs on every request.
-        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_urls(raw)));
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_url(raw)));
         // Celery spells "credentials, AWS endpoint" as `sqs://KEY:SECRET@` (no host), which a URL
         // parser rejects: give it a placeholder host and drop it again below.
         const NO_HOST: &str = "no-host.invalid";
@@ -106,7 +106,7 @@ pub fn parse_endpoint(raw: &str) -> Result<String> {
     let url = Url::parse(raw.trim()).map_err(|e| {
         Error::invalid(
             "awsEndpoint",
-            format!("not a valid URL ({e}): `{}`", redact_urls(raw)),
+            format!("not a valid URL ({e}): `{}`", redact_url(raw)),
         )
     })?;
     if !matches!(url.scheme(), "http" | "https")
@@ -117,7 +117,7 @@ pub fn parse_endpoint(raw: &str) -> Result<String> {
             "awsEndpoint",
             format!(
                 "must be an http:// or https:// URL with a host and no credentials, got `{}`",
-                redact_urls(raw)
+                redact_url(raw)
             ),
         ));
     }
