@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use celery_keda_scaler::metadata::{self, BrokerEnv, KEDA_KEYS, KEYS};
 use serde::Deserialize;
@@ -256,4 +257,128 @@ fn unknown_keys_are_caught() {
     );
     let found = triggers(&doc[0], "inline");
     assert!(std::panic::catch_unwind(|| check_keys(&found[0])).is_err());
+}
+
+/// The ScaledJob example's worker, run for real: the handler from its ConfigMap and its exact
+/// worker flags (only the app and the queue changed), against a real broker.
+fn oneshot_worker(broker: &str, queue: &str, handler_dir: &Path) -> std::process::Child {
+    let path = common::root().join("deploy/examples/redis/scaledjob.yaml");
+    let docs = documents(&std::fs::read_to_string(&path).unwrap(), &path);
+    let job = docs.iter().find(|d| d["kind"] == "ScaledJob").unwrap();
+    let container = &job["spec"]["jobTargetRef"]["template"]["spec"]["containers"][0];
+    let command: Vec<String> = container["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(command[..4], ["celery", "-A", "app", "worker"]);
+    let mut args: Vec<String> = vec!["-m".into(), "celery".into(), "-A".into(), "cks_app".into()];
+    let mut rest = command[3..].iter();
+    while let Some(a) = rest.next() {
+        args.push(a.clone());
+        if a == "-Q" {
+            rest.next();
+            args.push(queue.to_string());
+        }
+    }
+    args.extend([
+        "-n".into(),
+        format!("{}@localhost", common::unique("oneshot")),
+    ]);
+    let mut cmd = std::process::Command::new(common::python());
+    let mut conf = common::CeleryConf::new(broker);
+    // The example says the app must use late acknowledgement.
+    conf.acks_late = true;
+    conf.apply(&mut cmd);
+    for e in container["env"].as_array().unwrap() {
+        if let Some(v) = e["value"].as_str() {
+            if e["name"] != "PYTHONPATH" {
+                cmd.env(e["name"].as_str().unwrap(), v);
+            }
+        }
+    }
+    cmd.args(&args)
+        .env("PYTHONPATH", handler_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("celery worker starts")
+}
+
+/// Writes the ConfigMap's `oneshot.py` into a directory for PYTHONPATH.
+fn oneshot_handler() -> tempfile::TempDir {
+    let path = common::root().join("deploy/examples/redis/scaledjob.yaml");
+    let docs = documents(&std::fs::read_to_string(&path).unwrap(), &path);
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the ScaledJob example ships its handler in a ConfigMap");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("oneshot.py"),
+        cm["data"]["oneshot.py"].as_str().unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+async fn each_worker_runs_exactly_one_task(broker: &str, queue: &str) {
+    let handler = oneshot_handler();
+    let conf = common::CeleryConf::new(broker);
+    assert_eq!(conf.publish(queue, &["--count", "3"]), 3);
+    let scaler =
+        common::Scaler::start_with(BrokerEnv::default(), common::ServeSettingsExt::no_window())
+            .await;
+    let mut client = scaler.client().await;
+    // The ScaledJob example's counting: neither in-flight nor running tasks.
+    let job_meta = common::meta(&[
+        ("brokerUrl", broker),
+        ("queues", queue),
+        ("queueLength", "1"),
+        ("scaleOnInFlight", "false"),
+        ("scaleOnRunning", "false"),
+    ]);
+    // Every task counted, held or not: what is left on the broker.
+    let all_meta = common::meta(&[
+        ("brokerUrl", broker),
+        ("queues", queue),
+        ("scaleOnRunning", "false"),
+    ]);
+    assert_eq!(common::depth(&mut client, &job_meta).await.unwrap(), 3);
+    for left in [2, 1] {
+        let mut worker = oneshot_worker(broker, queue, handler.path());
+        let status = common::wait_for(
+            "the one-shot worker to exit",
+            Duration::from_secs(90),
+            || {
+                let s = worker.try_wait().unwrap();
+                async move { s }
+            },
+        )
+        .await;
+        assert!(
+            status.success(),
+            "the worker exits 0 after its task: {status:?}"
+        );
+        // Exactly one task left the broker: acknowledged, nothing restored, nothing else taken.
+        common::expect_depth(&scaler, &all_meta, left, Duration::from_secs(20)).await;
+        assert_eq!(common::depth(&mut client, &job_meta).await.unwrap(), left);
+    }
+    scaler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scaledjob_recipe_runs_one_task_per_worker_on_redis() {
+    let queue = common::unique("oneshot");
+    each_worker_runs_exactly_one_task(&common::redis_url(), &queue).await;
+    common::cleanup_redis(&common::redis_url(), "", &[&queue]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scaledjob_recipe_runs_one_task_per_worker_on_rabbitmq() {
+    let vhost = common::Vhost::create().await;
+    let queue = common::unique("oneshot");
+    each_worker_runs_exactly_one_task(&vhost.url(), &queue).await;
+    vhost.delete().await;
 }

@@ -332,7 +332,7 @@ pub fn python() -> PathBuf {
     p
 }
 
-fn app_dir() -> PathBuf {
+pub fn app_dir() -> PathBuf {
     root().join("tests/celery_app")
 }
 
@@ -362,7 +362,7 @@ impl CeleryConf {
         }
     }
 
-    fn apply(&self, cmd: &mut Command) {
+    pub fn apply(&self, cmd: &mut Command) {
         cmd.current_dir(app_dir())
             .env("CKS_BROKER", &self.broker)
             .env("PYTHONDONTWRITEBYTECODE", "1");
