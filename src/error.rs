@@ -33,11 +33,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Builds an [`Error::InvalidMetadata`] for `key`.
+    /// Builds an [`Error::InvalidMetadata`] for `key`. Messages quote values through
+    /// `secret::shown`; URL passwords are redacted here once more, for any quote that did not.
     pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidMetadata {
             key: key.into(),
-            message: message.into(),
+            message: crate::secret::redact_urls(&message.into()),
         }
     }
 

@@ -8,7 +8,7 @@ use crate::broker::redis::{unescape, RedisAddr, RedisLayout, DEFAULT_PRIORITY_ST
 use crate::broker::sqs;
 use crate::broker::{BrokerTarget, DepthQuery, Layout};
 use crate::error::{Error, Result};
-use crate::secret::redact_urls;
+use crate::secret::shown;
 
 /// Every metadata key this scaler reads (others, like KEDA's `scalerAddress`, are ignored).
 pub const KEYS: &[&str] = &[
@@ -167,7 +167,8 @@ pub fn parse_with(
             Error::invalid(
                 "broker",
                 format!(
-                    "no broker named `{name}` is configured in the scaler's environment (set {NAMED_BROKER_PREFIX}{}); configured: {}",
+                    "no broker named `{}` is configured in the scaler's environment (set {NAMED_BROKER_PREFIX}{}); configured: {}",
+                    shown(name),
                     name.trim().to_ascii_uppercase().replace('-', "_"),
                     if known.is_empty() { "none".to_string() } else { known.join(", ") }
                 ),
@@ -335,7 +336,7 @@ fn parse_queues(raw: Option<&str>, max_queues: usize) -> Result<Vec<String>> {
         if name.is_empty() {
             return Err(Error::invalid(
                 "queues",
-                format!("has an empty queue name in `{raw}`"),
+                format!("has an empty queue name in `{}`", shown(raw)),
             ));
         }
         if name.len() > MAX_QUEUE_NAME_BYTES {
@@ -365,12 +366,12 @@ fn parse_queues(raw: Option<&str>, max_queues: usize) -> Result<Vec<String>> {
 fn parse_number(key: &str, value: &str, zero_ok: bool) -> Result<f64> {
     let n: f64 = value
         .parse()
-        .map_err(|_| Error::invalid(key, format!("must be a number, got `{value}`")))?;
+        .map_err(|_| Error::invalid(key, format!("must be a number, got `{}`", shown(value))))?;
     if !n.is_finite() || n < 0.0 || (!zero_ok && n == 0.0) {
         let bound = if zero_ok { ">= 0" } else { "> 0" };
         return Err(Error::invalid(
             key,
-            format!("must be a finite number {bound}, got `{value}`"),
+            format!("must be a finite number {bound}, got `{}`", shown(value)),
         ));
     }
     Ok(n)
@@ -384,7 +385,7 @@ fn parse_bool(meta: &HashMap<String, String>, key: &str, default: bool) -> Resul
         Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
         Some(other) => Err(Error::invalid(
             key,
-            format!("must be true or false, got `{other}`"),
+            format!("must be true or false, got `{}`", shown(other)),
         )),
     }
 }
@@ -399,7 +400,10 @@ fn validate_metric_name(name: &str) -> Result<String> {
     } else {
         Err(Error::invalid(
             "metricName",
-            format!("must be at most {MAX_METRIC_NAME} characters of [A-Za-z0-9._-], got `{name}`"),
+            format!(
+                "must be at most {MAX_METRIC_NAME} characters of [A-Za-z0-9._-], got `{}`",
+                shown(name)
+            ),
         ))
     }
 }
@@ -448,7 +452,7 @@ fn parse_redis_layout(meta: &HashMap<String, String>) -> Result<RedisLayout> {
                 let step: u8 = part.trim().parse().map_err(|_| {
                     Error::invalid(
                         "prioritySteps",
-                        format!("must be comma-separated integers 0-255 (kombu priority_steps), got `{raw}`"),
+                        format!("must be comma-separated integers 0-255 (kombu priority_steps), got `{}`", shown(raw)),
                     )
                 })?;
                 steps.push(step);
@@ -464,7 +468,7 @@ fn parse_redis_layout(meta: &HashMap<String, String>) -> Result<RedisLayout> {
             let sep = unescape(raw).ok_or_else(|| {
                 Error::invalid(
                     "separator",
-                    format!("has a bad escape in `{}`: use \\xHH for control characters, e.g. \\x06\\x16", redact_urls(raw)),
+                    format!("has a bad escape in `{}`: use \\xHH for control characters, e.g. \\x06\\x16", shown(raw)),
                 )
             })?;
             if sep.is_empty() {

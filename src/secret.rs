@@ -95,6 +95,27 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// How any metadata value is quoted in an error: a value that holds a URL is redacted as a user
+/// URL ([`redact_url`]: someone put a broker URL under the wrong key), and long values are cut
+/// to 120 characters.
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 120;
+    let mut out = if value.contains("://") {
+        redact_url(value)
+    } else {
+        value.to_string()
+    };
+    if out.len() > MAX {
+        let mut end = MAX;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push_str("...");
+    }
+    out
+}
+
 /// Redacts URL passwords in `text` (see [`redact_urls`]) and every occurrence of `secret`: for
 /// error text from client libraries, which may quote a credential outside a URL.
 pub fn scrub(text: &str, secret: Option<&Secret>) -> String {
@@ -125,6 +146,13 @@ mod tests {
             redact_url("redis://localhost:6379/0"),
             "redis://localhost:6379/0"
         );
+    }
+
+    #[test]
+    fn shown_values_are_redacted_and_short() {
+        assert_eq!(shown("amqp://u:p;w@h"), "amqp://***@h");
+        assert_eq!(shown("10"), "10");
+        assert_eq!(shown(&"x".repeat(500)).len(), 123);
     }
 
     #[test]

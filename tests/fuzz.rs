@@ -14,6 +14,14 @@ use celery_keda_scaler::metadata::{self, BrokerEnv, Limits, KEDA_KEYS, KEYS};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
+/// Keys whose values are URLs that may carry credentials.
+const URL_KEYS: &[&str] = &[
+    "brokerUrl",
+    "brokerUrlFromEnv",
+    "managementUrl",
+    "awsEndpoint",
+];
+
 fn cases() -> u32 {
     std::env::var("CKS_FUZZ_CASES")
         .ok()
@@ -121,9 +129,13 @@ fn url() -> impl Strategy<Value = (String, Option<String>)> {
         })
 }
 
-fn value() -> impl Strategy<Value = String> {
+/// A metadata value, with the password it holds (when it is a URL with one).
+fn value() -> impl Strategy<Value = (String, Option<String>)> {
+    prop_oneof![url(), plain_value().prop_map(|v| (v, None)),]
+}
+
+fn plain_value() -> impl Strategy<Value = String> {
     prop_oneof![
-        url().prop_map(|(u, _)| u),
         Just(String::new()),
         Just(" ".to_string()),
         "-?[0-9]{0,4}(\\.[0-9]{0,3})?",
@@ -183,11 +195,24 @@ fn metadata_parsing_never_panics_and_every_error_names_a_key() {
     runner()
         .run(
             &strategy,
-            |(mut meta, extra): (HashMap<String, String>, _)| {
-                let mut passwords = Vec::new();
+            |(entries, extra): (HashMap<String, (String, Option<String>)>, _)| {
+                // Passwords may sit under any key: errors must not show one (a URL pasted into
+                // queueLength). A parsed target must not show those of the URL keys; other values
+                // (a queue or vhost named like a URL) are names, shown as given.
+                let mut passwords: Vec<String> = Vec::new();
+                let mut url_passwords: Vec<String> = Vec::new();
+                let mut meta = HashMap::new();
+                for (k, (v, pw)) in entries {
+                    if URL_KEYS.contains(&k.as_str()) {
+                        url_passwords.extend(pw.clone());
+                    }
+                    meta.insert(k, v);
+                    passwords.extend(pw);
+                }
                 if let Some((u, pw)) = extra {
                     meta.insert("brokerUrl".to_string(), u);
-                    passwords.extend(pw);
+                    passwords.extend(pw.clone());
+                    url_passwords.extend(pw);
                 }
                 match metadata::parse_with(&meta, &env, &limits) {
                     Ok(trigger) => {
@@ -196,8 +221,13 @@ fn metadata_parsing_never_panics_and_every_error_names_a_key() {
                             trigger.queue_length > 0.0 && trigger.queue_length.is_finite()
                         );
                         prop_assert!(trigger.metric_name.len() <= metadata::MAX_METRIC_NAME);
-                        let shown = format!("{:?}", trigger.query.target);
-                        for p in &passwords {
+                        let shown = format!(
+                            "{:?} {} {:?}",
+                            trigger.query.target,
+                            trigger.query.target.redacted(),
+                            trigger.query.layout
+                        );
+                        for p in &url_passwords {
                             prop_assert!(
                                 !shown.contains(p.as_str()),
                                 "password in Debug: {}",

@@ -51,7 +51,12 @@ pub struct Management {
 
 impl fmt::Debug for Management {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (user {})", self.base, self.username)
+        write!(
+            f,
+            "{} (user {})",
+            crate::secret::redact_urls(self.base.as_str()),
+            self.username
+        )
     }
 }
 

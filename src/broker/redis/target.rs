@@ -202,7 +202,7 @@ impl RedisTarget {
                     })
                     .collect();
                 match master {
-                    Some(m) => format!("{} (master {m})", list.join(";")),
+                    Some(m) => format!("{} (master {})", list.join(";"), crate::secret::shown(m)),
                     None => list.join(";"),
                 }
             }

@@ -112,6 +112,7 @@ pub fn parse_endpoint(raw: &str) -> Result<String> {
     if !matches!(url.scheme(), "http" | "https")
         || url.host_str().is_none()
         || !url.username().is_empty()
+        || url.password().is_some()
     {
         return Err(Error::invalid(
             "awsEndpoint",
@@ -137,7 +138,10 @@ pub fn parse_region(raw: &str) -> Result<String> {
     } else {
         Err(Error::invalid(
             "awsRegion",
-            format!("must be an AWS region such as us-east-1, got `{r}`"),
+            format!(
+                "must be an AWS region such as us-east-1, got `{}`",
+                crate::secret::shown(r)
+            ),
         ))
     }
 }
@@ -168,6 +172,8 @@ mod tests {
 
     #[test]
     fn urls() {
+        let e = parse_endpoint("http://:pw-only@localhost:4566").unwrap_err();
+        assert!(!e.to_string().contains("pw-only"), "{e}");
         let t = SqsTarget::parse("brokerUrl", "sqs://").unwrap();
         assert_eq!((t.endpoint, t.access_key), (None, None));
         let t = SqsTarget::parse("brokerUrl", "sqs://AKIAX:se%2Fcr%2Bet@").unwrap();
