@@ -1004,3 +1004,543 @@ impl ServeSettingsExt {
         }
     }
 }
+
+// ---------------------------------------------------------------- the real binary
+
+/// `/proc/<pid>/status` VmRSS of a process, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// GET on an admin port; returns (status line, body).
+pub async fn admin_get_at(admin: SocketAddr, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of the metric line of `body` that starts with `prefix` (name and labels).
+pub fn metric_in(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The release or debug binary built with the tests, run as `serve` on free local ports, its
+/// stdout and stderr collected; killed when dropped, unless stopped with [`ScalerProcess::terminate`].
+pub struct ScalerProcess {
+    pub child: Child,
+    pub port: u16,
+    pub admin: u16,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// What a stopped [`ScalerProcess`] left: exit status, stdout, stderr.
+pub struct ScalerExit {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ScalerProcess {
+    /// `celery-keda-scaler serve --listen .. --admin-listen .. <args>` with `env` added to (and
+    /// `remove` taken from) the test's environment; returns once the gRPC port accepts.
+    pub async fn spawn(args: &[&str], env: &[(&str, &str)], remove: &[&str]) -> ScalerProcess {
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for name in remove {
+            cmd.env_remove(name);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the scaler binary starts");
+        let drain = |mut r: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                use std::io::Read as _;
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().unwrap()));
+        let stderr = drain(Box::new(child.stderr.take().unwrap()));
+        let mut p = ScalerProcess {
+            child,
+            port,
+            admin,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let err = p.stderr.take().map(|h| h.join().unwrap_or_default());
+                panic!(
+                    "the scaler exited with {status}: {}",
+                    err.unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the scaler did not listen on {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    /// A new HTTP/2 connection to the gRPC port.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the scaler")
+    }
+
+    pub async fn client(&self) -> ExternalScalerClient<Channel> {
+        ExternalScalerClient::new(self.channel().await)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin))
+    }
+
+    /// The admin port's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        admin_get_at(self.admin_addr(), "/metrics").await.1
+    }
+
+    /// One metric value by line prefix (see [`metric_in`]).
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        metric_in(&self.metrics_text().await, prefix)
+    }
+
+    /// The scaler's resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit and the collected output.
+    pub fn terminate(mut self) -> ScalerExit {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.stdout.take().unwrap().join().unwrap_or_default();
+        let stderr = self.stderr.take().unwrap().join().unwrap_or_default();
+        ScalerExit {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for ScalerProcess {
+    fn drop(&mut self) {
+        if self.stdout.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- RabbitMQ management helpers
+
+impl Vhost {
+    /// Drops every message of `queue` (management API `DELETE .../contents`).
+    pub async fn purge(&self, queue: &str) {
+        let r = http()
+            .delete(format!(
+                "{}/api/queues/{}/{queue}/contents",
+                management_base(),
+                self.name
+            ))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "purge {queue}: {}", r.status());
+    }
+
+    /// Creates RabbitMQ user `user` with `password` and `tags` (e.g. `monitoring`), with full
+    /// permissions on this vhost. Delete it with [`Vhost::delete_user`].
+    pub async fn create_user(&self, user: &str, password: &str, tags: &str) {
+        let api = management_base();
+        let r = http()
+            .put(format!("{api}/api/users/{user}"))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"password": password, "tags": tags}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "create user: {}", r.status());
+        let r = http()
+            .put(format!("{api}/api/permissions/{}/{user}", self.name))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "user permissions: {}", r.status());
+    }
+
+    pub async fn delete_user(&self, user: &str) {
+        let _ = http()
+            .delete(format!("{}/api/users/{user}", management_base()))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await;
+    }
+}
+
+// ---------------------------------------------------------------- faults (tests/faults.rs)
+
+impl OwnRedis {
+    /// Kills the server with SIGKILL (a crash: no shutdown, every connection cut by the kernel).
+    pub fn kill(&mut self) {
+        let _ = self._child.0.kill();
+        let _ = self._child.0.wait();
+    }
+
+    /// Starts a new, empty `redis-server` on the same port and socket (no TLS), and waits until
+    /// it listens.
+    pub fn restart(&mut self, password: Option<&str>) {
+        assert!(
+            self.tls_port.is_none(),
+            "restart supports plain servers only"
+        );
+        self.kill();
+        let mut cmd = Command::new(which("redis-server"));
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&self.socket)
+            .args(["--unixsocketperm", "700"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(pw) = password {
+            cmd.args(["--requirepass", pw]);
+        }
+        self._child = ChildGuard(cmd.spawn().expect("redis-server starts"));
+        wait_port(self.port, "restarted redis-server");
+    }
+}
+
+/// The other clients of a Redis server (`CLIENT LIST` without the asking connection), one map of
+/// fields (`id`, `addr`, `lib-name`, `cmd`, ...) per connection.
+pub async fn redis_clients(url: &str) -> Vec<HashMap<String, String>> {
+    let mut conn = raw_redis(url).await;
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    list.lines()
+        .map(|line| {
+            line.split(' ')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        })
+        .filter(|c| c.get("id").map(String::as_str) != Some(me.to_string().as_str()))
+        .collect()
+}
+
+/// This process's established TCP connections to `127.0.0.1:port` (`/proc/net/tcp` rows whose
+/// socket inode is one of this process's descriptors).
+pub fn tcp_connections_to(port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let remote = format!(":{port:04X}");
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| {
+            f.len() > 9 && f[2].ends_with(&remote) && f[3] == "01" && inodes.contains(&f[9])
+        })
+        .count()
+}
+
+/// Tasks alive on the current tokio runtime (each `#[tokio::test]` has its own runtime, and the
+/// in-process scaler spawns its polls, streams, census loops and connection drivers on it).
+pub fn runtime_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+fn wait_listening(port: u16, what: &str, limit: Duration) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not listen on {port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A moto SQS server of the test's own, on a free port; it can be killed and started again on
+/// the same port (moto keeps no state across a restart: queues must be created again).
+pub struct OwnMoto {
+    pub port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl OwnMoto {
+    pub fn start() -> OwnMoto {
+        let mut m = OwnMoto {
+            port: free_port(),
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    fn binary() -> PathBuf {
+        let beside_python = python().with_file_name("moto_server");
+        if beside_python.is_file() {
+            beside_python
+        } else {
+            which("moto_server")
+        }
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn kill(&mut self) {
+        self.child = None;
+    }
+
+    /// Kills the server if it runs, starts a new one on the same port, waits until it listens.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(Self::binary())
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        self.child = Some(ChildGuard(child));
+        wait_listening(self.port, "moto_server", Duration::from_secs(60));
+    }
+
+    /// `sqs://testing:testing@127.0.0.1:<port>`, as kombu spells a local endpoint.
+    pub fn broker_url(&self) -> String {
+        format!("sqs://testing:testing@127.0.0.1:{}", self.port)
+    }
+
+    /// Creates an SQS queue from another process (boto3 from the Celery virtualenv), so that no
+    /// connection of the test process stays open to the server.
+    pub fn create_queue(&self, sqs_name: &str) {
+        let script = "import sys, boto3\n\
+            c = boto3.client('sqs', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                aws_access_key_id='testing', aws_secret_access_key='testing')\n\
+            c.create_queue(QueueName=sys.argv[2])\n";
+        let out = Command::new(python())
+            .args(["-c", script])
+            .arg(format!("http://127.0.0.1:{}", self.port))
+            .arg(sqs_name)
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "create_queue {sqs_name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The shared RabbitMQ node's application stopped (`rabbitmqctl stop_app`: AMQP and management
+/// listeners closed, every client connection cut; the node, its vhosts and durable queues stay).
+/// Started again by [`RabbitAppStopped::start`], or on drop, so a failing test never leaves the
+/// suite's broker down.
+pub struct RabbitAppStopped {
+    running: bool,
+}
+
+impl RabbitAppStopped {
+    /// Runs `rabbitmqctl stop_app` and checks that port 5672 refuses connections.
+    pub fn stop() -> RabbitAppStopped {
+        let (_, port) = amqp_base();
+        // Marked stopped first: whatever happens from here, drop starts the app again.
+        let guard = RabbitAppStopped { running: false };
+        rabbitmqctl("stop_app").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still accepts after stop_app"
+        );
+        guard
+    }
+
+    /// Runs `rabbitmqctl start_app`, then waits until port 5672 accepts and the management API
+    /// answers. Returns when AMQP listened and when the management API answered, measured
+    /// from the call.
+    pub fn start(&mut self) -> (Duration, Duration) {
+        self.try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`RabbitAppStopped::start`] without panicking (it also runs in `drop`, maybe while a
+    /// failed test unwinds).
+    fn try_start(&mut self) -> Result<(Duration, Duration), String> {
+        let started = Instant::now();
+        self.running = true;
+        rabbitmqctl("start_app")?;
+        let url = std::env::var("CKS_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672//".into());
+        let url = url::Url::parse(&url).map_err(|e| format!("CKS_AMQP_URL: {e}"))?;
+        let (host, port) = (
+            url.host_str().unwrap_or("127.0.0.1").to_string(),
+            url.port().unwrap_or(5672),
+        );
+        let limit = Duration::from_secs(60);
+        while std::net::TcpStream::connect((host.as_str(), port)).is_err() {
+            if started.elapsed() > limit {
+                return Err(format!(
+                    "RabbitMQ did not listen on {port} within {limit:?} of start_app"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let amqp = started.elapsed();
+        while management_status_blocking("/api/overview") != Some(200) {
+            if started.elapsed() > limit {
+                return Err(format!(
+                    "the management API did not answer within {limit:?} of start_app"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((amqp, started.elapsed()))
+    }
+}
+
+impl Drop for RabbitAppStopped {
+    fn drop(&mut self) {
+        if !self.running {
+            if let Err(e) = self.try_start() {
+                eprintln!("starting RabbitMQ again after a failed test: {e}");
+            }
+        }
+    }
+}
+
+fn rabbitmqctl(command: &str) -> Result<(), String> {
+    let out = Command::new(which("rabbitmqctl"))
+        .arg(command)
+        .output()
+        .map_err(|e| format!("rabbitmqctl {command}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The HTTP status of a GET on the management API (guest), blocking; `None` when nothing answers.
+pub fn management_status_blocking(path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let base = url::Url::parse(&management_base()).ok()?;
+    let addr = (
+        base.host_str().unwrap_or("127.0.0.1").to_string(),
+        base.port().unwrap_or(15672),
+    );
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // guest:guest
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// The scaler's AMQP connections to `vhost` as the management API lists them (the scaler names
+/// its connections `celery-keda-scaler`); `None` when the API does not answer.
+pub async fn scaler_amqp_connections(vhost: &str) -> Option<usize> {
+    let r = http()
+        .get(format!(
+            "{}/api/vhosts/{vhost}/connections",
+            management_base()
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let list: Vec<serde_json::Value> = r.json().await.ok()?;
+    Some(
+        list.iter()
+            .filter(|c| c["client_properties"]["connection_name"] == "celery-keda-scaler")
+            .count(),
+    )
+}

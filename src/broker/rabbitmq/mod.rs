@@ -4,12 +4,13 @@
 
 mod target;
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AMQPUriTcpExt, OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -160,10 +161,37 @@ impl RabbitBroker {
                 lapin::runtime::default_runtime().map_err(|e| self.convert(e, Stage::Connect))?;
             let props =
                 ConnectionProperties::default().with_connection_name("celery-keda-scaler".into());
-            let connection =
-                Connection::connect_uri_with_config(self.uri(), props, self.tls_config()?, runtime)
-                    .await
-                    .map_err(|e| self.convert(e, Stage::Connect))?;
+            // The transport (TCP, TLS) is set up here and handed to lapin, not set up by lapin:
+            // when lapin's own transport connect fails, its connection's internal RPC task is
+            // never stopped (one leaked task per failed attempt, every poll of an outage).
+            let uri = self.uri();
+            let tls = self.tls_config()?;
+            let stream = uri
+                .connect_with_config_async(tls.as_ref(), &runtime)
+                .await
+                .map_err(|e| self.convert(e.into(), Stage::Connect))?;
+            // A handshake abandoned at the deadline (a server that accepts and stays silent)
+            // would keep its socket, I/O thread and tasks for as long as the server says
+            // nothing: unless the handshake completes, the socket is shut down, which ends them.
+            let socket = match &stream {
+                lapin::AsyncTcpStream::Plain(s) => Some(s.get_ref().as_fd()),
+                lapin::AsyncTcpStream::Rustls(s) => Some(s.get_ref().0.get_ref().as_fd()),
+                _ => None,
+            };
+            let socket = socket.and_then(|fd| fd.try_clone_to_owned().ok());
+            let mut abandoned = ShutdownOnDrop(socket.map(std::net::TcpStream::from));
+            let stream = std::sync::Mutex::new(Some(stream));
+            let connect = async move |_: AMQPUri, _| {
+                stream
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected).into())
+            };
+            let connection = Connection::connector(uri, runtime, connect, props)
+                .await
+                .map_err(|e| self.convert(e, Stage::Connect))?;
+            abandoned.0 = None;
             amqp.connection = Some(connection);
         }
         let connection = amqp.connection.as_ref().expect("set above");
@@ -403,6 +431,17 @@ impl RabbitBroker {
             .get("messages_unacknowledged")
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0))
+    }
+}
+
+/// Shuts its socket down when dropped, unless emptied first.
+struct ShutdownOnDrop(Option<std::net::TcpStream>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        if let Some(socket) = self.0.take() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 

@@ -152,12 +152,23 @@ impl RedisBroker {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
-        let mut conn = self.connection().await?;
-        match pipe.query_async(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.forget_master(&e).await;
-                Err(self.convert(e))
+        // The manager answers with the outcome of its last reconnect attempt and only then starts
+        // a new one. A refusal can be that stale outcome from while the server was down (nothing
+        // was sent), so one retry waits for the fresh attempt: without it the first reading after
+        // the server returns fails.
+        let mut retried = false;
+        loop {
+            let mut conn = self.connection().await?;
+            match pipe.query_async(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.forget_master(&e).await;
+                    if e.is_connection_refusal() && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(self.convert(e));
+                }
             }
         }
     }
