@@ -1,7 +1,8 @@
 //! The worker census behind `scaleOnRunning`: one background `inspect active` loop per broker
 //! (and key layout), shared by every trigger on it, started on first use and stopped when no
 //! reading has asked for it for a while. Readings use the latest census and never wait for one
-//! past their deadline.
+//! past their deadline; a reading that finds the latest census failed asks for a new one at once
+//! and uses that, so readings recover as soon as the broker does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,10 @@ struct Snapshot {
 struct Entry {
     rx: watch::Receiver<Option<Snapshot>>,
     last_used: Mutex<Instant>,
+    /// Starts the next census now instead of after the interval: a reading found the last one
+    /// failed (the broker may be back: the first reading after an outage must not fail on the
+    /// outage's census).
+    retry: tokio::sync::Notify,
 }
 
 type Key = (BrokerTarget, Layout);
@@ -96,12 +101,19 @@ impl Censuses {
         let entry = self.entry(client, target, layout);
         *entry.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let mut rx = entry.rx.clone();
-        let snapshot = rx
+        let stopped = || Error::Unavailable("the worker census stopped".into());
+        let mut snapshot = rx
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| Error::Unavailable("the worker census stopped".into()))?
+            .map_err(|_| stopped())?
             .clone()
-            .expect("waited for Some");
+            .ok_or_else(stopped)?;
+        if snapshot.result.is_err() {
+            // Ask again now and wait for that answer (the reading's deadline bounds the wait).
+            entry.retry.notify_one();
+            rx.changed().await.map_err(|_| stopped())?;
+            snapshot = rx.borrow_and_update().clone().ok_or_else(stopped)?;
+        }
         let age = snapshot.at.elapsed();
         self.metrics.census_age(target.kind(), age.as_secs_f64());
         if age > self.settings.max_age() {
@@ -130,6 +142,7 @@ impl Censuses {
         let entry = Arc::new(Entry {
             rx,
             last_used: Mutex::new(Instant::now()),
+            retry: tokio::sync::Notify::new(),
         });
         entries.insert(key.clone(), entry.clone());
         let this = self.clone();
@@ -168,7 +181,10 @@ impl Censuses {
                 at: Instant::now(),
                 result,
             }));
-            tokio::time::sleep(self.settings.interval).await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.interval) => {}
+                _ = entry.retry.notified() => {}
+            }
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let idle = entry
                 .last_used

@@ -191,6 +191,14 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         }),
         _ => None,
     };
+    // A census waits its whole window for replies, inside the reading's deadline.
+    if args.census_window >= args.common.deadline {
+        eprintln!(
+            "error: --census-window ({:?}) must be shorter than --deadline ({:?}): a worker census waits its whole window inside each reading's deadline",
+            args.census_window, args.common.deadline
+        );
+        return ExitCode::from(2);
+    }
     // The certificate files are checked before anything binds.
     if let Some(tls) = &tls {
         if let Err(e) = Reloader::load(tls.clone()) {

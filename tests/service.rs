@@ -794,3 +794,25 @@ async fn sigterm_flips_health_ends_streams_and_lets_inflight_rpcs_finish() {
         sent.elapsed()
     );
 }
+
+#[test]
+fn inconsistent_flags_exit_2_before_binding() {
+    let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--deadline", "1s", "--census-window", "1s"])
+        .env_remove("CELERY_BROKER_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: --census-window (1s) must be shorter than --deadline (1s)"),
+        "{stderr}"
+    );
+}
