@@ -494,7 +494,10 @@ impl Broker for RabbitBroker {
                 Ok(vec![0; query.queues.len()])
             }
         };
-        let (ready, unacked) = futures::future::try_join(ready, unacked).await?;
+        // Both run to the end, and the AMQP error wins: the same outage must give the same code
+        // (the management API of a node whose AMQP port is down may answer 401 or not at all).
+        let (ready, unacked) = futures::future::join(ready, unacked).await;
+        let (ready, unacked) = (ready?, unacked?);
         Ok(Depth {
             queues: query
                 .queues
