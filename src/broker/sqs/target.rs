@@ -113,11 +113,14 @@ pub fn parse_endpoint(raw: &str) -> Result<String> {
         || url.host_str().is_none()
         || !url.username().is_empty()
         || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || raw.contains('@')
     {
         return Err(Error::invalid(
             "awsEndpoint",
             format!(
-                "must be an http:// or https:// URL with a host and no credentials, got `{}`",
+                "must be an http:// or https:// URL with a host, and no credentials, query or fragment, got `{}`",
                 redact_url(raw)
             ),
         ));
@@ -172,6 +175,8 @@ mod tests {
 
     #[test]
     fn urls() {
+        let e = parse_endpoint("http://!?:pw-in-query@localhost").unwrap_err();
+        assert!(!e.to_string().contains("pw-in-query"), "{e}");
         let e = parse_endpoint("http://:pw-only@localhost:4566").unwrap_err();
         assert!(!e.to_string().contains("pw-only"), "{e}");
         let t = SqsTarget::parse("brokerUrl", "sqs://").unwrap();
