@@ -6,7 +6,7 @@
 //! is checked: errors and wrong values must be zero, the scaler's RSS must not grow after
 //! warm-up, and the stream and shared-poll gauges must come back to their expected values.
 //!
-//! It prints a `SOAK ...` summary line (run with `--nocapture`) to record in docs/BENCHMARKS.md.
+//! It prints a `SOAK ...` summary line (run with `--nocapture`), recorded in docs/RELIABILITY.md.
 //! CI runs the default two minutes; the longer soak is
 //! `CKS_SOAK_SECONDS=1800 cargo test --release --test soak -- --nocapture`.
 
