@@ -68,9 +68,9 @@ struct ServeArgs {
     /// Time between two worker censuses (Celery `inspect active` broadcasts) per broker, for scaleOnRunning.
     #[arg(long, env = "CELERY_KEDA_CENSUS_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     census_interval: Duration,
-    /// How long a worker census collects replies.
-    #[arg(long, env = "CELERY_KEDA_CENSUS_WINDOW", value_parser = parse_duration, default_value = "1s")]
-    census_window: Duration,
+    /// How long a worker census collects replies [default: 1s, or 40% of --deadline if less].
+    #[arg(long, env = "CELERY_KEDA_CENSUS_WINDOW", value_parser = parse_duration)]
+    census_window: Option<Duration>,
     /// How long in-flight RPCs may take to finish after SIGTERM.
     #[arg(long, env = "CELERY_KEDA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -192,10 +192,13 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         _ => None,
     };
     // A census waits its whole window for replies, inside the reading's deadline.
-    if args.census_window >= args.common.deadline {
+    let census_window = args
+        .census_window
+        .unwrap_or_else(|| Duration::from_secs(1).min(args.common.deadline * 2 / 5));
+    if census_window >= args.common.deadline {
         eprintln!(
-            "error: --census-window ({:?}) must be shorter than --deadline ({:?}): a worker census waits its whole window inside each reading's deadline",
-            args.census_window, args.common.deadline
+            "error: --census-window ({census_window:?}) must be shorter than --deadline ({:?}): a worker census waits its whole window inside each reading's deadline",
+            args.common.deadline
         );
         return ExitCode::from(2);
     }
@@ -234,7 +237,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         deadline: args.common.deadline,
         result_window: args.result_window,
         census_interval: args.census_interval,
-        census_window: args.census_window,
+        census_window,
         stream_poll_interval: args.stream_poll_interval,
         sqs_stream_poll_interval: args.sqs_stream_poll_interval,
         shutdown_grace: args.shutdown_grace,
