@@ -157,15 +157,7 @@ async fn a_down_broker_is_unavailable_never_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_broker_fails_within_the_deadline() {
-    // Accepts connections and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    let (port, _) = silent_server().await;
     let settings = ServeSettings {
         deadline: Duration::from_millis(500),
         ..ServeSettings::default()
@@ -594,19 +586,8 @@ async fn secrets_never_show_in_logs_errors_metrics_or_probe() {
 /// attempt and one failure, seen by all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_concurrent_requests_share_one_broker_reading() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            held.push(sock);
-        }
-    });
+    use std::sync::atomic::Ordering;
+    let (port, accepted) = silent_server().await;
     let settings = ServeSettings {
         deadline: Duration::from_secs(1),
         result_window: Duration::ZERO,
@@ -689,47 +670,16 @@ async fn result_window_absorbs_repeated_polls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flips_health_ends_streams_and_lets_inflight_rpcs_finish() {
     // A broker that accepts and never answers: a GetMetrics on it is in flight for the deadline.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hang_port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
-    let (port, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .args(["--deadline", "2s", "--shutdown-grace", "8s"])
-        .env_remove("CELERY_BROKER_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the scaler listens", HANG, || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
+    let (hang_port, _) = silent_server().await;
+    let scaler = ScalerProcess::spawn(
+        &["--deadline", "2s", "--shutdown-grace", "8s"],
+        &[],
+        &["CELERY_BROKER_URL"],
+    )
     .await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient::new(
-        channel.clone(),
-    );
+    let mut client = scaler.client().await;
     // Health is watched over a connection of its own, as a kubelet probe has.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(scaler.channel().await);
     let mut watch = health
         .watch(tonic_health::pb::HealthCheckRequest {
             service: "externalscaler.ExternalScaler".into(),
@@ -754,7 +704,7 @@ async fn sigterm_flips_health_ends_streams_and_lets_inflight_rpcs_finish() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let sent = Instant::now();
-    let pid = child.id().to_string();
+    let pid = scaler.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -781,13 +731,9 @@ async fn sigterm_flips_health_ends_streams_and_lets_inflight_rpcs_finish() {
     let (r, took) = inflight.await.unwrap();
     assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
     assert!(took >= Duration::from_millis(1500), "{took:?}");
-    // And the process exits 0 within the grace period.
-    let status = wait_for("the scaler exits", HANG, || {
-        let s = child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
-    assert!(status.success(), "{status:?}");
+    // And the process exits 0 within the grace period (`terminate` only collects the exit).
+    let exit = scaler.terminate();
+    assert!(exit.status.success(), "{:?}", exit.status);
     assert!(
         sent.elapsed() < Duration::from_secs(8),
         "{:?}",

@@ -171,14 +171,7 @@ async fn errors_missing_queue_down_and_hanging_endpoints() {
     );
     assert!(!err.message().contains("Secr3tKey"));
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            held.push(s);
-        }
-    });
+    let (port, _) = silent_server().await;
     let hanging = meta(&[("brokerUrl", &format!("sqs://k:Secr3tKey@127.0.0.1:{port}"))]);
     let err = tokio::time::timeout(Duration::from_secs(15), depth(&mut client, &hanging))
         .await

@@ -490,29 +490,12 @@ impl Scaler {
 
     /// GET on the admin port; returns (status line, body).
     pub async fn admin_get(&self, path: &str) -> (String, String) {
-        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.unwrap();
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        (
-            head.lines().next().unwrap_or("").to_string(),
-            body.to_string(),
-        )
+        admin_get_at(self.admin, path).await
     }
 
     /// The value of a metric line that starts with `prefix` (name and labels).
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
-        let (_, body) = self.admin_get("/metrics").await;
-        body.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        metric_in(&self.admin_get("/metrics").await.1, prefix)
     }
 
     /// Shuts down and waits for the server to stop.
@@ -1006,6 +989,23 @@ impl ServeSettingsExt {
 }
 
 // ---------------------------------------------------------------- the real binary
+
+/// A TCP server that accepts connections and never answers (a hanging broker). Returns its
+/// port and the number of connections it accepted so far.
+pub async fn silent_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    (port, accepted)
+}
 
 /// `/proc/<pid>/status` VmRSS of a process, in KiB (0 when it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
