@@ -52,13 +52,13 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
         "metric       {} (queueLength {}, active when depth > {})",
         trigger.metric_name, trigger.queue_length, trigger.activation_queue_length
     );
-    let sqs = matches!(q.target, crate::broker::BrokerTarget::Sqs(_));
+    let census = q.target.has_remote_control();
     let _ = writeln!(
         out,
         "counting     ready, in flight {} (scaleOnInFlight), running {} (scaleOnRunning{})",
         on_off(q.in_flight),
         on_off(q.running),
-        if q.running && sqs {
+        if q.running && !census {
             ": no effect on SQS"
         } else {
             ""
@@ -84,7 +84,7 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
                 queue.in_flight
             );
         }
-        if q.running && !sqs {
+        if q.running && census {
             let _ = writeln!(
                 out,
                 "  running    {:>8}  running, already acknowledged (worker census)",

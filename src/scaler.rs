@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::{Broker, BrokerTarget, ClientSettings, Depth, DepthQuery, Registry};
+use crate::broker::{Broker, ClientSettings, Depth, DepthQuery, Registry};
 use crate::census::{CensusSettings, Censuses};
 use crate::error::{Error, Result};
 use crate::metadata::{self, BrokerEnv, Trigger};
@@ -124,7 +124,7 @@ impl Core {
         client: Arc<dyn Broker>,
         query: &DepthQuery,
     ) -> Result<Depth> {
-        if !query.running || matches!(query.target, BrokerTarget::Sqs(_)) {
+        if !query.running || !query.target.has_remote_control() {
             return client.depth(query).await;
         }
         let census = self

@@ -59,6 +59,12 @@ impl BrokerTarget {
         }
     }
 
+    /// Whether Celery workers on this broker answer remote control (`inspect active`), which
+    /// `scaleOnRunning` needs; SQS has no broadcast, so there it has no effect.
+    pub fn has_remote_control(&self) -> bool {
+        !matches!(self, BrokerTarget::Sqs(_))
+    }
+
     /// The broker kind, a bounded label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -49,6 +49,17 @@ struct Amqp {
     census: Option<Channel>,
 }
 
+impl Amqp {
+    /// The cached channel for depth readings, or for the census.
+    fn slot(&mut self, census: bool) -> &mut Option<Channel> {
+        if census {
+            &mut self.census
+        } else {
+            &mut self.channel
+        }
+    }
+}
+
 /// Where an AMQP error happened: a refusal while connecting means bad credentials.
 #[derive(Clone, Copy)]
 enum Stage {
@@ -134,19 +145,13 @@ impl RabbitBroker {
     }
 
     async fn channel_in(&self, census: bool) -> Result<Channel> {
-        let mut guard = self.amqp.lock().await;
-        let amqp = &mut *guard;
-        let slot = if census {
-            &mut amqp.census
-        } else {
-            &mut amqp.channel
-        };
-        if let Some(ch) = slot.as_ref() {
+        let mut amqp = self.amqp.lock().await;
+        if let Some(ch) = amqp.slot(census).as_ref() {
             if ch.status().connected() {
                 return Ok(ch.clone());
             }
         }
-        *slot = None;
+        *amqp.slot(census) = None;
         let alive = amqp
             .connection
             .as_ref()
@@ -199,11 +204,7 @@ impl RabbitBroker {
             .create_channel()
             .await
             .map_err(|e| self.convert(e, Stage::Connect))?;
-        if census {
-            amqp.census = Some(channel.clone());
-        } else {
-            amqp.channel = Some(channel.clone());
-        }
+        *amqp.slot(census) = Some(channel.clone());
         Ok(channel)
     }
 
