@@ -39,6 +39,21 @@ impl Default for CensusSettings {
 }
 
 impl CensusSettings {
+    /// The default reply window for a reading deadline: 1 s, or 40% of the deadline if that is
+    /// less. A census waits its whole window (RabbitMQ), inside the reading's deadline.
+    pub fn default_window(deadline: Duration) -> Duration {
+        Duration::from_secs(1).min(deadline * 2 / 5)
+    }
+
+    /// Default interval and window for readings bounded by `deadline`.
+    pub fn for_deadline(deadline: Duration) -> Self {
+        CensusSettings {
+            window: Self::default_window(deadline),
+            deadline,
+            ..CensusSettings::default()
+        }
+    }
+
     /// The oldest census a reading accepts: a loop that has not completed one for this long is
     /// failing, and the reading fails with it rather than use stale numbers.
     pub fn max_age(&self) -> Duration {
@@ -196,5 +211,21 @@ impl Censuses {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_window_fits_inside_the_deadline() {
+        assert_eq!(
+            CensusSettings::default_window(Duration::from_millis(2500)),
+            Duration::from_secs(1)
+        );
+        let probe = CensusSettings::for_deadline(Duration::from_secs(1));
+        assert_eq!(probe.window, Duration::from_millis(400));
+        assert_eq!(probe.deadline, Duration::from_secs(1));
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use celery_keda_scaler::census::CensusSettings;
 use celery_keda_scaler::metadata::{BrokerEnv, Limits};
 use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
@@ -194,7 +195,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
     // A census waits its whole window for replies, inside the reading's deadline.
     let census_window = args
         .census_window
-        .unwrap_or_else(|| Duration::from_secs(1).min(args.common.deadline * 2 / 5));
+        .unwrap_or_else(|| CensusSettings::default_window(args.common.deadline));
     if census_window >= args.common.deadline {
         eprintln!(
             "error: --census-window ({census_window:?}) must be shorter than --deadline ({:?}): a worker census waits its whole window inside each reading's deadline",

@@ -31,10 +31,7 @@ impl CoreSettings {
         CoreSettings {
             deadline,
             result_window: DEFAULT_RESULT_WINDOW,
-            census: CensusSettings {
-                deadline,
-                ..CensusSettings::default()
-            },
+            census: CensusSettings::for_deadline(deadline),
             limits: metadata::Limits::default(),
         }
     }
