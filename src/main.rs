@@ -183,15 +183,6 @@ impl ServeArgs {
 
 async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
     telemetry::init(args.common.log_format, "info");
-    let tls = match (args.tls_cert_file, args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(TlsSettings {
-            cert,
-            key,
-            client_ca: args.tls_client_ca_file,
-            reload_interval: args.tls_reload_interval,
-        }),
-        _ => None,
-    };
     // A census waits its whole window for replies, inside the reading's deadline.
     let census_window = args
         .census_window
@@ -203,13 +194,22 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    // The certificate files are checked before anything binds.
-    if let Some(tls) = &tls {
-        if let Err(e) = Reloader::load(tls.clone()) {
-            eprintln!("error: invalid TLS configuration: {e}");
-            return ExitCode::from(2);
-        }
-    }
+    // The certificate files are loaded (and so checked) before anything binds.
+    let tls = match (args.tls_cert_file, args.tls_key_file) {
+        (Some(cert), Some(key)) => match Reloader::load(TlsSettings {
+            cert,
+            key,
+            client_ca: args.tls_client_ca_file,
+            reload_interval: args.tls_reload_interval,
+        }) {
+            Ok(reloader) => Some(Arc::new(reloader)),
+            Err(e) => {
+                eprintln!("error: invalid TLS configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let grpc = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -20,7 +20,7 @@ use crate::metadata::{BrokerEnv, Limits};
 use crate::metrics::Metrics;
 use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Core, CoreSettings};
-use crate::tls::{self, Reloader, TlsError, TlsSettings};
+use crate::tls::{self, Reloader};
 
 /// Everything `serve` needs, validated before anything binds.
 #[derive(Clone, Debug)]
@@ -41,8 +41,9 @@ pub struct ServeSettings {
     pub shutdown_grace: Duration,
     /// HTTP/2 concurrent streams per connection: KEDA multiplexes every trigger on one.
     pub max_concurrent_streams: u32,
-    /// TLS (and mTLS) on the gRPC port; plaintext when `None`.
-    pub tls: Option<TlsSettings>,
+    /// TLS (and mTLS) on the gRPC port, its certificate files already loaded (so they are
+    /// checked before anything binds); plaintext when `None`.
+    pub tls: Option<Arc<Reloader>>,
     /// Bounds on trigger metadata.
     pub limits: Limits,
     /// Largest gRPC request message accepted (a metadata map is a few KiB).
@@ -82,8 +83,6 @@ pub enum ServeError {
     Admin(#[from] std::io::Error),
     #[error("reflection service could not be built: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] TlsError),
 }
 
 /// Serves gRPC on `grpc` and the admin port on `admin` (if any) until `shutdown` resolves; then
@@ -96,12 +95,7 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let tls_reloader = settings
-        .tls
-        .clone()
-        .map(Reloader::load)
-        .transpose()?
-        .map(Arc::new);
+    let tls_reloader = settings.tls.clone();
     let metrics = Arc::new(Metrics::with_max_queue_series(settings.max_queue_series));
     let tls_metrics = metrics.clone();
     let core = Arc::new(Core::new(

@@ -109,7 +109,12 @@ impl Files {
         // The error text of a key parse never includes the key itself.
         let key = PrivateKeyDer::from_pem_slice(&self.key)
             .map_err(|_| content("--tls-key-file", &settings.key, "no PEM private key found"))?;
-        let builder = ServerConfig::builder();
+        // ring, as everywhere in the process, without depending on the process default being
+        // installed first.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match (&self.client_ca, &settings.client_ca) {
             (Some(pem), Some(path)) => {
                 let mut roots = RootCertStore::empty();
@@ -126,9 +131,10 @@ impl Files {
                         "no PEM certificate found",
                     ));
                 }
-                let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-                    .build()
-                    .map_err(|e| content("--tls-client-ca-file", path, e))?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| content("--tls-client-ca-file", path, e))?;
                 builder.with_client_cert_verifier(verifier)
             }
             _ => builder.with_no_client_auth(),
@@ -289,7 +295,6 @@ mod tests {
 
     #[test]
     fn missing_and_bad_files_name_the_flag_and_path() {
-        crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let e = Reloader::load(settings(dir.path(), false)).unwrap_err();
         assert!(
@@ -309,7 +314,6 @@ mod tests {
 
     #[test]
     fn a_key_of_another_certificate_is_refused() {
-        crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         write_pair(dir.path(), "a");
         let other = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();
@@ -324,7 +328,6 @@ mod tests {
 
     #[test]
     fn reload_swaps_only_on_change_and_keeps_the_old_config_on_error() {
-        crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         write_pair(dir.path(), "a");
         let r = Reloader::load(settings(dir.path(), true)).unwrap();

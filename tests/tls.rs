@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
 use celery_keda_scaler::server::ServeSettings;
-use celery_keda_scaler::tls::TlsSettings;
+use celery_keda_scaler::tls::{Reloader, TlsSettings};
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -96,12 +96,15 @@ impl SecretVolume {
 
     fn settings(&self, mutual: bool, reload: Duration) -> ServeSettings {
         ServeSettings {
-            tls: Some(TlsSettings {
-                cert: self.path("tls.crt"),
-                key: self.path("tls.key"),
-                client_ca: mutual.then(|| self.path("ca.crt")),
-                reload_interval: reload,
-            }),
+            tls: Some(Arc::new(
+                Reloader::load(TlsSettings {
+                    cert: self.path("tls.crt"),
+                    key: self.path("tls.key"),
+                    client_ca: mutual.then(|| self.path("ca.crt")),
+                    reload_interval: reload,
+                })
+                .expect("valid certificate files"),
+            )),
             ..ServeSettings::default()
         }
     }
