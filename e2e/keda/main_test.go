@@ -438,6 +438,9 @@ func grepLog(path, needle string, n int) string {
 	var hits []string
 	for _, line := range strings.Split(string(b), "\n") {
 		if strings.Contains(line, needle) {
+			if len(line) > 400 {
+				line = line[:400] + "..."
+			}
 			hits = append(hits, "  "+line)
 		}
 	}
@@ -482,6 +485,10 @@ type replicaWatch struct {
 type replicaChange struct {
 	At       time.Time
 	Replicas int32
+}
+
+func (c replicaChange) String() string {
+	return fmt.Sprintf("%d at %s", c.Replicas, c.At.Format("15:04:05.000"))
 }
 
 func watchReplicas(t *testing.T, ns, name string) *replicaWatch {

@@ -162,6 +162,9 @@ func TestManifestsApply(t *testing.T) {
 		t.Fatal("no fixtures in tests/k8s/invalid")
 	}
 	ns := namespace(t, "manifests-invalid")
+	// The fixtures' scale target exists, so KEDA judges the triggers themselves.
+	secret, deployment, _ := exampleWorker(t)
+	apply(t, ns, secret, deployment)
 	for _, f := range fixtures {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -179,11 +182,43 @@ func TestManifestsApply(t *testing.T) {
 				reasons = append(reasons, err.Error())
 			}
 		}
-		if !refused {
+		// A fixture the API server cannot refuse says so, and names what KEDA's operator reports.
+		kedaRefuses := fixtureKedaRefusal.FindSubmatch(b)
+		switch {
+		case refused && kedaRefuses != nil:
+			t.Errorf("%s: the API server refused it (%s), but the fixture says it accepts it", filepath.Base(f), strings.Join(reasons, "; "))
+		case refused:
+			t.Logf("%s refused by the API server: %s", filepath.Base(f), strings.Join(reasons, "; "))
+		case kedaRefuses == nil:
 			t.Errorf("%s: the API server accepted this negative fixture", filepath.Base(f))
-		} else {
-			t.Logf("%s refused: %s", filepath.Base(f), strings.Join(reasons, "; "))
+		default:
+			for _, o := range objs {
+				msg := waitNotReady(t, ns, o.GetName(), string(kedaRefuses[1]))
+				t.Logf("%s accepted by the API server, refused by KEDA: Ready=False: %s", filepath.Base(f), msg)
+			}
 		}
+	}
+}
+
+var fixtureKedaRefusal = regexp.MustCompile(`(?m)^# apiserver: accepts.*\n#.*Ready=False with a message containing "([^"]+)"`)
+
+// waitNotReady waits for KEDA to mark a ScaledObject Ready=False with a message containing want.
+func waitNotReady(t *testing.T, ns, name, want string) string {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		u, err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Get(context.Background(), name, metav1.GetOptions{})
+		if err == nil {
+			if c := cluster.FindCondition(u, "Ready"); c != nil && c["status"] == "False" {
+				if msg, _ := c["message"].(string); strings.Contains(msg, want) {
+					return msg
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ScaledObject %s/%s: no Ready=False mentioning %q within 60s\n%s", ns, name, want, describe(ns, scaledObjectGVR, name))
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 
@@ -201,7 +236,8 @@ func applySidecar(t *testing.T) int {
 		t.Fatal(err)
 	}
 	component, _ := filepath.Rel(tmp, filepath.Join(repoRoot, "deploy", "overlays", "sidecar"))
-	kust := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: keda\nresources: [manager.yaml]\ncomponents: [%s]\n", component)
+	ns := namespace(t, "manifests-sidecar")
+	kust := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: %s\nresources: [manager.yaml]\ncomponents: [%s]\n", ns, component)
 	if err := os.WriteFile(filepath.Join(tmp, "kustomization.yaml"), []byte(kust), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -224,23 +260,31 @@ func applySidecar(t *testing.T) int {
 	if dep == nil || orig == nil {
 		t.Fatal("KEDA's config/manager/manager.yaml has no Deployment keda-operator")
 	}
-	ns := namespace(t, "manifests-sidecar")
 	n := applyAll(t, "deploy/overlays/sidecar on KEDA's config/manager/manager.yaml", ns, rendered)
 	applied, err := kube.Client.AppsV1().Deployments(ns).Get(context.Background(), "keda-operator", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var names []string
-	for _, c := range applied.Spec.Template.Spec.Containers {
-		names = append(names, c.Name)
-	}
 	origContainers, _, _ := unstructured.NestedSlice(orig.Object, "spec", "template", "spec", "containers")
-	if len(names) != len(origContainers)+1 || names[len(names)-1] != "celery-keda-scaler" {
-		t.Fatalf("keda-operator with the sidecar has containers %v, want KEDA's %d and celery-keda-scaler", names, len(origContainers))
+	want := map[string]string{"celery-keda-scaler": ""}
+	for _, c := range origContainers {
+		m := c.(map[string]any)
+		want[m["name"].(string)], _ = m["image"].(string)
 	}
-	kedaImage, _, _ := unstructured.NestedString(origContainers[0].(map[string]any), "image")
-	if applied.Spec.Template.Spec.Containers[0].Image != kedaImage {
-		t.Fatalf("the sidecar changed KEDA's own container image: %s, want %s", applied.Spec.Template.Spec.Containers[0].Image, kedaImage)
+	got := map[string]string{}
+	for _, c := range applied.Spec.Template.Spec.Containers {
+		got[c.Name] = c.Image
+	}
+	if len(got) != len(want) {
+		t.Fatalf("keda-operator with the sidecar has containers %v, want KEDA's %v and celery-keda-scaler", got, want)
+	}
+	for name, image := range want {
+		if _, ok := got[name]; !ok {
+			t.Fatalf("keda-operator with the sidecar has no container %s: %v", name, got)
+		}
+		if name != "celery-keda-scaler" && got[name] != image {
+			t.Fatalf("the sidecar changed KEDA's container %s: image %s, want %s", name, got[name], image)
+		}
 	}
 	return n
 }

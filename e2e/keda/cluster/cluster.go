@@ -190,7 +190,8 @@ func (c *Cluster) writeCerts() error {
 		// KEDA's operator (gRPC server) and metrics apiserver (its client, and the aggregated
 		// API's serving certificate) trust ca.crt of their cert dir and present tls.crt.
 		{ca, "keda-operator", nil, []string{"127.0.0.1", "localhost"}, c.path("keda-certs"), "tls.crt", "tls.key", true},
-		{ca, "keda-metrics-apiserver", nil, []string{"127.0.0.1", "localhost"}, c.path("adapter-certs"), "tls.crt", "tls.key", true},
+		// The aggregator verifies the name <service>.<namespace>.svc, whatever address it dials.
+		{ca, "keda-metrics-apiserver", nil, []string{"127.0.0.1", "localhost", "keda-metrics-apiserver." + c.KedaNamespace + ".svc"}, c.path("adapter-certs"), "tls.crt", "tls.key", true},
 	}
 	for _, l := range leaves {
 		cert, err := l.ca.Issue(l.cn, l.orgs, l.names...)
@@ -554,6 +555,11 @@ spec:
 		cond := FindCondition(u, "Available")
 		if cond == nil || cond["status"] != "True" {
 			return fmt.Errorf("not Available: %v", cond)
+		}
+		// Available only says discovery answered; a request through the aggregator's proxy proves
+		// the route and the serving certificate.
+		if body, err := c.Client.Discovery().RESTClient().Get().AbsPath("/apis/external.metrics.k8s.io/v1beta1").DoRaw(ctx); err != nil {
+			return fmt.Errorf("GET /apis/external.metrics.k8s.io/v1beta1: %v: %s", err, body)
 		}
 		return nil
 	})
