@@ -24,7 +24,7 @@ func moduleDir(t *testing.T, dir, module string) string {
 	t.Helper()
 	cmd := exec.Command("go", "mod", "download", "-json", module)
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=readonly")
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("go mod download %s in %s: %v\n%s", module, dir, err, out)

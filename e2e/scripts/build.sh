@@ -13,7 +13,8 @@ CACHE="${CKS_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/celery-keda-scaler/e2e}"
 # so that a user's GOFLAGS=-mod=vendor or a GOPATH inside the clone cannot change it).
 export GOMODCACHE="${GOMODCACHE:-$(go env GOMODCACHE)}"
 export GOCACHE="${GOCACHE:-$(go env GOCACHE)}"
-export GOFLAGS="-mod=mod -buildvcs=false"
+# readonly: the committed go.sum must be complete, and a build never edits the clone.
+export GOFLAGS="-mod=readonly -buildvcs=false"
 export CGO_ENABLED=0
 
 log() { printf '==> %s\n' "$*" >&2; }
