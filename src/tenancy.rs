@@ -566,19 +566,20 @@ impl Tenancy {
             ));
         };
         // The operator chose the hosts of a named or the default broker (and so the management
-        // API derived from it); hosts given in metadata are checked unless they are those hosts.
-        let operator_hosts: Vec<String> = if operator {
+        // API derived from it); a host given in metadata is checked unless it is one of those
+        // exact host:port pairs.
+        let operator_hosts: Vec<(String, u16)> = if operator {
             contacts
                 .iter()
                 .filter(|c| c.key == trigger.broker_source)
-                .map(|c| normalise_host(&c.host))
+                .map(|c| (normalise_host(&c.host), c.port))
                 .collect()
         } else {
             Vec::new()
         };
         let mut unresolved = Vec::new();
         for c in contacts {
-            if operator_hosts.contains(&normalise_host(&c.host)) {
+            if operator_hosts.contains(&(normalise_host(&c.host), c.port)) {
                 continue;
             }
             let hostport = if c.host.contains(':') {

@@ -264,10 +264,14 @@ async fn host_allowlist_admits_names_globs_and_ports_only() {
         redis_port(),
     );
     // The named broker's host is not on the list: the operator chose it.
-    let env = env(&[(
-        "CELERY_KEDA_BROKER_OPS",
-        &format!("redis://127.0.0.1:{}/0", redis_port()),
-    )]);
+    let named_rabbit = format!("amqp://guest:guest@127.0.0.1:{amqp_port}/{}", vhost.name);
+    let env = env(&[
+        (
+            "CELERY_KEDA_BROKER_OPS",
+            &format!("redis://127.0.0.1:{}/0", redis_port()),
+        ),
+        ("CELERY_KEDA_BROKER_RMQ", &named_rabbit),
+    ]);
     let scaler = Scaler::start_with(env, allowlist(&rules)).await;
     let mut client = scaler.client().await;
     let no_run = ("scaleOnRunning", "false");
@@ -285,6 +289,9 @@ async fn host_allowlist_admits_names_globs_and_ports_only() {
     assert_eq!(read(&mut client, "team-a", &named).await.unwrap(), 3);
     let rabbit_url = format!("amqp://guest:guest@localhost:{amqp_port}/{}", vhost.name);
     let rabbit = meta(&[("brokerUrl", &rabbit_url), ("queues", &rq), no_run]);
+    assert_eq!(read(&mut client, "team-a", &rabbit).await.unwrap(), 2);
+    // Its management API (derived: 127.0.0.1:15672) is the operator's choice too.
+    let rabbit = meta(&[("broker", "rmq"), ("queues", &rq), no_run]);
     assert_eq!(read(&mut client, "team-a", &rabbit).await.unwrap(), 2);
     let sqs = meta(&[
         (
@@ -360,7 +367,7 @@ async fn host_allowlist_admits_names_globs_and_ports_only() {
         (
             // A named broker's own host is exempt; a management API given in metadata is not.
             meta(&[
-                ("broker", "ops"),
+                ("broker", "rmq"),
                 ("managementUrl", &format!("http://{}", local("/"))),
             ]),
             vec!["`managementUrl`".into()],
