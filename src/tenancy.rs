@@ -350,6 +350,8 @@ struct Contact {
     /// TLS: the certificate is checked against the name, so the name cannot be replaced by an
     /// address.
     tls: bool,
+    /// A host this module cannot read (refused whatever the rules say).
+    opaque: bool,
 }
 
 /// The namespace as shown in messages.
@@ -387,6 +389,7 @@ fn contacts(trigger: &Trigger, meta: &HashMap<String, String>) -> Option<Vec<Con
                 host: host.clone(),
                 port: *port,
                 tls: false,
+                opaque: false,
             }),
             RedisAddr::Tls { host, port, .. } => out.push(Contact {
                 field: HostField::Broker,
@@ -394,6 +397,7 @@ fn contacts(trigger: &Trigger, meta: &HashMap<String, String>) -> Option<Vec<Con
                 host: host.clone(),
                 port: *port,
                 tls: true,
+                opaque: false,
             }),
             RedisAddr::Unix { .. } => return None,
             RedisAddr::Sentinel { nodes, .. } => {
@@ -404,6 +408,7 @@ fn contacts(trigger: &Trigger, meta: &HashMap<String, String>) -> Option<Vec<Con
                         host: host.clone(),
                         port: *port,
                         tls: false,
+                        opaque: false,
                     });
                 }
             }
@@ -415,6 +420,7 @@ fn contacts(trigger: &Trigger, meta: &HashMap<String, String>) -> Option<Vec<Con
                 host: t.host.clone(),
                 port: t.port,
                 tls: t.tls.is_some(),
+                opaque: false,
             });
             if let Layout::RabbitMq(layout) = &q.layout {
                 if let Some((host, port)) = url_host_port(&layout.management.base) {
@@ -428,6 +434,7 @@ fn contacts(trigger: &Trigger, meta: &HashMap<String, String>) -> Option<Vec<Con
                         host,
                         port,
                         tls: layout.management.base.scheme() == "https",
+                        opaque: false,
                     });
                 }
             }
@@ -436,23 +443,24 @@ fn contacts(trigger: &Trigger, meta: &HashMap<String, String>) -> Option<Vec<Con
             // Without an endpoint the SDK talks to AWS's regional endpoint: not a host a trigger
             // chooses (awsRegion is validated as a region name).
             if let Some(endpoint) = &t.endpoint {
-                if let Some((host, port)) = url::Url::parse(endpoint)
-                    .ok()
-                    .as_ref()
-                    .and_then(url_host_port)
-                {
-                    out.push(Contact {
-                        field: HostField::Endpoint,
-                        key: if given("awsEndpoint") {
-                            "awsEndpoint".into()
-                        } else {
-                            source
-                        },
-                        host,
-                        port,
-                        tls: endpoint.starts_with("https://"),
-                    });
-                }
+                // An endpoint that does not parse here is refused (fail closed): `opaque`.
+                let parsed = url::Url::parse(endpoint).ok();
+                let (host, port, opaque) = match parsed.as_ref().and_then(url_host_port) {
+                    Some((host, port)) => (host, port, false),
+                    None => (endpoint.clone(), 0, true),
+                };
+                out.push(Contact {
+                    field: HostField::Endpoint,
+                    key: if given("awsEndpoint") {
+                        "awsEndpoint".into()
+                    } else {
+                        source
+                    },
+                    host,
+                    port,
+                    tls: endpoint.starts_with("https://"),
+                    opaque,
+                });
             }
         }
     }
@@ -598,6 +606,9 @@ impl Tenancy {
                     ),
                 )
             };
+            if c.opaque {
+                return Err(deny(": it cannot be read as host:port"));
+            }
             if let Ok(addr) = normalise_host(&c.host).parse::<IpAddr>() {
                 if !list.admits_addr(addr, c.port) {
                     return Err(deny(""));
