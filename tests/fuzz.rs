@@ -67,6 +67,14 @@ fn url() -> impl Strategy<Value = (String, Option<String>)> {
         Just("http"),
         Just(""),
     ];
+    // WHATWG parsers (the `url` crate) read `http:\\h`, `http:/h`, `http:h` as `http://h`.
+    let separator = prop_oneof![
+        12 => Just("://"),
+        1 => Just(":\\\\"),
+        1 => Just(":/\\"),
+        1 => Just(":"),
+        1 => Just(":///"),
+    ];
     let user = prop_oneof![Just(String::new()), "[a-z]{1,6}", "[^@/:]{0,6}"];
     let host = prop_oneof![
         Just("localhost".to_string()),
@@ -107,7 +115,7 @@ fn url() -> impl Strategy<Value = (String, Option<String>)> {
         "\\?[a-z_=&%]{0,16}",
     ];
     (
-        scheme,
+        (scheme, separator),
         user,
         proptest::option::of(password()),
         host,
@@ -116,21 +124,23 @@ fn url() -> impl Strategy<Value = (String, Option<String>)> {
         query,
         any::<bool>(),
     )
-        .prop_map(|(scheme, user, pw, host, port, path, query, twice)| {
-            let userinfo = match &pw {
-                Some(p) => format!("{user}:{p}@"),
-                None if !user.is_empty() => format!("{user}@"),
-                None => String::new(),
-            };
-            let one = format!("{scheme}://{userinfo}{host}{port}{path}{query}");
-            // Sentinel (and Celery's failover lists) join URLs with ';'.
-            let url = if twice {
-                format!("{one};{scheme}://{userinfo}{host}:26380")
-            } else {
-                one
-            };
-            (url, pw)
-        })
+        .prop_map(
+            |((scheme, sep), user, pw, host, port, path, query, twice)| {
+                let userinfo = match &pw {
+                    Some(p) => format!("{user}:{p}@"),
+                    None if !user.is_empty() => format!("{user}@"),
+                    None => String::new(),
+                };
+                let one = format!("{scheme}{sep}{userinfo}{host}{port}{path}{query}");
+                // Sentinel (and Celery's failover lists) join URLs with ';'.
+                let url = if twice {
+                    format!("{one};{scheme}{sep}{userinfo}{host}:26380")
+                } else {
+                    one
+                };
+                (url, pw)
+            },
+        )
 }
 
 /// A metadata value, with the password it holds (when it is a URL with one).
@@ -188,6 +198,35 @@ fn check_error(e: &Error, passwords: &[String]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Parses `meta`: an error must pass [`check_error`] (no password of `passwords`); a trigger must
+/// be sane and show no password of `url_passwords` (those under URL keys) in its `Debug` text.
+fn check_metadata(
+    meta: &HashMap<String, String>,
+    env: &BrokerEnv,
+    limits: &Limits,
+    passwords: &[String],
+    url_passwords: &[String],
+) -> Result<(), TestCaseError> {
+    match metadata::parse_with(meta, env, limits) {
+        Ok(trigger) => {
+            prop_assert!(!trigger.query.queues.is_empty());
+            prop_assert!(trigger.queue_length > 0.0 && trigger.queue_length.is_finite());
+            prop_assert!(trigger.metric_name.len() <= metadata::MAX_METRIC_NAME);
+            let shown = format!(
+                "{:?} {} {:?}",
+                trigger.query.target,
+                trigger.query.target.redacted(),
+                trigger.query.layout
+            );
+            for p in url_passwords {
+                prop_assert!(!shown.contains(p.as_str()), "password in Debug: {}", shown);
+            }
+        }
+        Err(e) => check_error(&e, passwords)?,
+    }
+    Ok(())
+}
+
 #[test]
 fn metadata_parsing_never_panics_and_every_error_names_a_key() {
     let strategy = (
@@ -218,33 +257,84 @@ fn metadata_parsing_never_panics_and_every_error_names_a_key() {
                     passwords.extend(pw.clone());
                     url_passwords.extend(pw);
                 }
-                match metadata::parse_with(&meta, &env, &limits) {
-                    Ok(trigger) => {
-                        prop_assert!(!trigger.query.queues.is_empty());
-                        prop_assert!(
-                            trigger.queue_length > 0.0 && trigger.queue_length.is_finite()
-                        );
-                        prop_assert!(trigger.metric_name.len() <= metadata::MAX_METRIC_NAME);
-                        let shown = format!(
-                            "{:?} {} {:?}",
-                            trigger.query.target,
-                            trigger.query.target.redacted(),
-                            trigger.query.layout
-                        );
-                        for p in &url_passwords {
-                            prop_assert!(
-                                !shown.contains(p.as_str()),
-                                "password in Debug: {}",
-                                shown
-                            );
-                        }
-                    }
-                    Err(e) => check_error(&e, &passwords)?,
-                }
-                Ok(())
+                check_metadata(&meta, &env, &limits, &passwords, &url_passwords)
             },
         )
         .unwrap();
+}
+
+/// Inputs the properties found or that sit next to them: WHATWG parsing (the `url` crate) reads
+/// `\` as `/` in http(s) URLs, drops tabs and newlines, ends the user info at the first `/`, `?`,
+/// `#` (or `\`), takes the last `@`, and accepts `http:\\`, `http:/` and `http:` for `http://`;
+/// none of it may carry a password into an error or a trigger's `Debug` text.
+#[test]
+fn whatwg_quirks_never_move_a_password_into_sight() {
+    const PW: &str = "PwaAA0aA0A";
+    let env = BrokerEnv::default();
+    let limits = Limits::default();
+    let side_urls = [
+        // The case found at 100,000 cases: `\` ends the user info, the password lands in the path.
+        r"http://=\;:PwaAA0aA0A@localhost",
+        r"http://u\:PwaAA0aA0A@localhost",
+        r"HTTPS://u\:PwaAA0aA0A@localhost:15672/",
+        r"http:\\u:PwaAA0aA0A@localhost",
+        r"http:/\u:PwaAA0aA0A@localhost",
+        "http:u:PwaAA0aA0A@localhost",
+        "http:///u:PwaAA0aA0A@localhost",
+        "http://u:12/PwaAA0aA0A@localhost",
+        "http://u:12/x@PwaAA0aA0A@localhost",
+        "http://u?:PwaAA0aA0A@localhost",
+        "http://u#:PwaAA0aA0A@localhost",
+        "http://u:a@PwaAA0aA0A@localhost",
+        "http://u:PwaAA0aA0A%40@localhost",
+        "http://u:Pwa\tAA0aA0A@localhost",
+        "http://u:Pwa\nAA0aA0A@localhost",
+        "\thttp://u:PwaAA0aA0A@localhost",
+    ];
+    let mut cases: Vec<Vec<(&str, &str)>> = Vec::new();
+    for u in side_urls {
+        cases.push(vec![("brokerUrl", "amqp://"), ("managementUrl", u)]);
+        cases.push(vec![("brokerUrl", "sqs://"), ("awsEndpoint", u)]);
+        // A URL under a key that is not a URL key is quoted through `shown`.
+        cases.push(vec![("brokerUrl", "redis://localhost"), ("queueLength", u)]);
+    }
+    let broker_urls = [
+        r"amqp://=\;:PwaAA0aA0A@localhost",
+        r"redis://u\:PwaAA0aA0A@localhost/0",
+        r"sqs://u\:PwaAA0aA0A@",
+        r"sentinel://u\:PwaAA0aA0A@localhost:26379",
+        "amqp:u:PwaAA0aA0A@localhost",
+        r"redis:\\u:PwaAA0aA0A@localhost",
+        "redis:/u:PwaAA0aA0A@localhost",
+        "u:PwaAA0aA0A@localhost",
+        "redis://u:Pwa\tAA0aA0A@localhost",
+        // No host: the user info is read as the path (a vhost, a socket path).
+        "amqp:///:PwaAA0aA0A@localhost",
+        "redis+socket:///:PwaAA0aA0A@localhost",
+        "sentinel://h:26379;sentinel:///u:PwaAA0aA0A@localhost",
+        "sqs://k:12/PwaAA0aA0A@",
+        "redis://u:1/PwaAA0aA0A@localhost/0",
+    ];
+    for u in broker_urls {
+        cases.push(vec![("brokerUrl", u)]);
+        match BrokerEnv::from_vars([("CELERY_KEDA_BROKER_X".to_string(), u.to_string())]) {
+            Err(Error::InvalidMetadata { message, .. }) => {
+                assert!(!message.contains("AA0aA0A"), "{message}")
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => {}
+        }
+    }
+    for case in cases {
+        let meta: HashMap<String, String> = case
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // Tabs and newlines split the marker; its tail must not show either.
+        let pws = [PW.to_string(), "AA0aA0A".to_string()];
+        let result = check_metadata(&meta, &env, &limits, &pws, &pws);
+        assert!(result.is_ok(), "{case:?}: {result:?}");
+    }
 }
 
 #[test]
