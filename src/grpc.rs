@@ -37,8 +37,19 @@ impl Service {
         }
     }
 
+    /// The trigger without any I/O (for `GetMetricSpec`).
     fn trigger(&self, r: &ScaledObjectRef) -> Result<Trigger, Status> {
-        self.core.trigger(&r.scaler_metadata).map_err(Status::from)
+        self.core
+            .trigger(&r.scaler_metadata, &r.namespace)
+            .map_err(Status::from)
+    }
+
+    /// The trigger with every host checked and pinned, ready for readings.
+    async fn admit(&self, r: &ScaledObjectRef) -> Result<Trigger, Status> {
+        self.core
+            .admit(&r.scaler_metadata, &r.namespace)
+            .await
+            .map_err(Status::from)
     }
 
     async fn depth(&self, trigger: &Trigger) -> Result<u64, Status> {
@@ -95,7 +106,7 @@ impl ExternalScaler for Service {
     ) -> Result<Response<IsActiveResponse>, Status> {
         let started = Instant::now();
         let result = async {
-            let trigger = self.trigger(request.get_ref())?;
+            let trigger = self.admit(request.get_ref()).await?;
             let depth = self.depth(&trigger).await?;
             Ok(Response::new(IsActiveResponse {
                 result: trigger.is_active(depth),
@@ -113,7 +124,7 @@ impl ExternalScaler for Service {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let started = Instant::now();
-        let trigger = self.trigger(request.get_ref());
+        let trigger = self.admit(request.get_ref()).await;
         self.record("StreamIsActive", started, &trigger);
         let trigger = trigger?;
         let mut readings = self.hub.watch(&trigger.query);
@@ -195,7 +206,9 @@ impl ExternalScaler for Service {
         let result = async {
             let req = request.get_ref();
             let empty = ScaledObjectRef::default();
-            let trigger = self.trigger(req.scaled_object_ref.as_ref().unwrap_or(&empty))?;
+            let trigger = self
+                .admit(req.scaled_object_ref.as_ref().unwrap_or(&empty))
+                .await?;
             let depth = self.depth(&trigger).await?;
             Ok(Response::new(GetMetricsResponse {
                 metric_values: vec![MetricValue {

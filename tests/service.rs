@@ -224,13 +224,15 @@ async fn one_client_per_distinct_broker() {
     for i in 0..50 {
         let q = format!("{}-{i}", unique("fleet"));
         let t = core
-            .trigger(&meta(&[("brokerUrl", &url), ("queues", &q)]))
+            .trigger(&meta(&[("brokerUrl", &url), ("queues", &q)]), "default")
             .unwrap();
         assert_eq!(core.read(&t.query).await.unwrap().total(), 0);
     }
     assert_eq!(core.broker_clients(), 1);
     let other_db = format!("{}/5", url.trim_end_matches('/'));
-    let t = core.trigger(&meta(&[("brokerUrl", &other_db)])).unwrap();
+    let t = core
+        .trigger(&meta(&[("brokerUrl", &other_db)]), "default")
+        .unwrap();
     core.read(&t.query).await.unwrap();
     assert_eq!(core.broker_clients(), 2);
 }

@@ -374,7 +374,7 @@ impl RabbitBroker {
 
     async fn unacked(&self, management: &Management, queue: &str) -> Result<u64> {
         let url = management.queue_url(&self.target.vhost, queue);
-        let shown = management.base.as_str();
+        let shown = crate::secret::redact_url(management.base.as_str());
         let hint = "set managementUrl to the management API (port 15672, plugin rabbitmq_management) or scaleOnInFlight: \"false\"";
         let resp = self
             .http
