@@ -188,7 +188,10 @@ func (s *scalerProcess) stop() {
 }
 
 // gauge reads one unlabelled series from the scaler's /metrics.
-func (s *scalerProcess) gauge(name string) (float64, error) {
+func (s *scalerProcess) gauge(name string) (float64, error) { return s.counter(name) }
+
+// counter reads one series, named with its labels exactly as /metrics prints them.
+func (s *scalerProcess) counter(name string) (float64, error) {
 	resp, err := http.Get("http://" + s.admin + "/metrics")
 	if err != nil {
 		return 0, err

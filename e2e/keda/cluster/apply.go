@@ -60,6 +60,16 @@ func (c *Cluster) ApplyYAML(ctx context.Context, ns string, b []byte) ([]*unstru
 
 // Apply server-side applies one object (forcing conflicts, like a re-apply of a changed file).
 func (c *Cluster) Apply(ctx context.Context, ns string, o *unstructured.Unstructured) (*unstructured.Unstructured, error) {
+	return c.apply(ctx, ns, o, false)
+}
+
+// DryRun server-side applies one object with dryRun=All: the API server validates, defaults and
+// admits it completely, and stores nothing, so no controller acts on it.
+func (c *Cluster) DryRun(ctx context.Context, ns string, o *unstructured.Unstructured) (*unstructured.Unstructured, error) {
+	return c.apply(ctx, ns, o, true)
+}
+
+func (c *Cluster) apply(ctx context.Context, ns string, o *unstructured.Unstructured, dryRun bool) (*unstructured.Unstructured, error) {
 	gvk := o.GroupVersionKind()
 	mapping, err := c.mapper().RESTMapping(gvk.GroupKind(), gvk.Version)
 	if err != nil {
@@ -76,6 +86,9 @@ func (c *Cluster) Apply(ctx context.Context, ns string, o *unstructured.Unstruct
 	force := true
 	// Strict: an unknown or duplicated field is an error, as with `kubectl apply --server-side`.
 	opts := metav1.PatchOptions{FieldManager: FieldManager, Force: &force, FieldValidation: "Strict"}
+	if dryRun {
+		opts.DryRun = []string{metav1.DryRunAll}
+	}
 	if mapping.Scope.Name() == meta.RESTScopeNameNamespace {
 		n := o.GetNamespace()
 		if n == "" {
