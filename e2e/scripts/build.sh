@@ -72,6 +72,7 @@ dirs=(
         github.com/kedacore/keda/v2/cmd/operator github.com/kedacore/keda/v2/cmd/adapter)"
     "$(build helm "-X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor" \
         helm.sh/helm/v3/cmd/helm)"
+    "$(build helm-docs "" github.com/norwoodj/helm-docs/cmd/helm-docs)"
 )
 # One directory of links to the current binaries, for PATH.
 for d in "${dirs[@]}"; do
