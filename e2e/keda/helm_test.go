@@ -227,6 +227,15 @@ func TestHelmMatchesKustomize(t *testing.T) {
 			t.Fatalf("%s: containers %d (chart) and %d (Kustomize), want 1 each", what, len(cc), len(kc))
 		}
 		a, b := cc[0].(map[string]any), kc[0].(map[string]any)
+		// The order of env entries carries no meaning here (no $(VAR) references): Kustomize's
+		// strategic merge puts an overlay's entries first, the chart appends them.
+		for _, m := range []map[string]any{a, b} {
+			if env, ok := m["env"].([]any); ok {
+				sort.Slice(env, func(i, j int) bool {
+					return env[i].(map[string]any)["name"].(string) < env[j].(map[string]any)["name"].(string)
+				})
+			}
+		}
 		keys := map[string]bool{}
 		for k := range a {
 			keys[k] = true
@@ -715,6 +724,33 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 	queries := monitoringQueries(t)
 	reqs := requirements(t, queries)
 	t.Logf("%d queries (alerts and dashboard) need %d metric/label facts", len(queries), len(reqs))
+	// The extraction itself: every scaler metric family of README's table is used, and these facts
+	// (one per kind of requirement) are among the ones checked.
+	names := map[string]bool{}
+	facts := map[string]bool{}
+	for _, r := range reqs {
+		for _, n := range strings.Split(r.metric, "|") {
+			names[strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(n, "_bucket"), "_count"), "_total")] = true
+		}
+		facts[strings.SplitN(r.String(), " (", 2)[0]] = true
+	}
+	for _, family := range []string{"celery_keda_queue_depth", "celery_keda_rpc", "celery_keda_rpc_duration_seconds",
+		"celery_keda_broker_read_duration_seconds", "celery_keda_broker_errors", "celery_keda_census_age_seconds",
+		"celery_keda_census_failures", "celery_keda_streams", "celery_keda_shared_polls", "celery_keda_queue_series_dropped",
+		"celery_keda_tls_reloads", "celery_keda_tls_handshake_failures", "celery_keda_refusals"} {
+		if !names[family] {
+			t.Errorf("no alert or dashboard query uses %s (extracted: %v)", family, names)
+		}
+	}
+	for _, f := range []string{`celery_keda_queue_depth{state="in_flight"}`, `celery_keda_tls_reloads_total{result="error"}`,
+		`celery_keda_rpc_total{code}`, `celery_keda_census_failures_total{broker}`} {
+		if !facts[f] {
+			t.Errorf("the extracted requirements lack %s", f)
+		}
+	}
+	if left := missing(reqs, nil); len(left) != len(reqs) {
+		t.Fatalf("with nothing scraped, %d of %d requirements count as met", len(reqs)-len(left), len(reqs))
+	}
 
 	// Readings by KEDA on the suite's scaler.
 	queue := "helm-metrics"
