@@ -52,8 +52,8 @@ trap 'rm -rf "$WORK"' EXIT
 
 if [ -z "${CKS_E2E_BIN:-}" ] || [ ! -x "${CKS_E2E_BIN}/helm" ]; then
     command -v go >/dev/null 2>&1 || die "go is not installed: Helm is built from the Go module proxy (Go >= 1.25)"
-    log "Helm (e2e/scripts/build.sh)"
-    CKS_E2E_BIN="$(bash e2e/scripts/build.sh)"
+    log "Helm and helm-docs (CKS_E2E_ONLY='helm helm-docs' e2e/scripts/build.sh)"
+    CKS_E2E_BIN="$(CKS_E2E_ONLY="helm helm-docs" bash e2e/scripts/build.sh)"
 fi
 HELM="$CKS_E2E_BIN/helm"
 [ -x "$HELM" ] || die "$HELM is missing after e2e/scripts/build.sh"

@@ -5,6 +5,8 @@
 # same machine, rebuilds nothing. Prints the bin directory on stdout.
 #
 #   CKS_E2E_CACHE   cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/celery-keda-scaler/e2e)
+#   CKS_E2E_ONLY    build only these modules (space-separated, e.g. "helm helm-docs" for
+#                   scripts/check-helm.sh); the others keep their links in the bin directory
 set -euo pipefail
 
 E2E="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,9 @@ log() { printf '==> %s\n' "$*" >&2; }
 build() {
     local dir=$1 ldflags=$2
     shift 2
+    if [ -n "${CKS_E2E_ONLY:-}" ] && [[ " $CKS_E2E_ONLY " != *" $dir "* ]]; then
+        return
+    fi
     local key
     key=$(cat "$E2E/$dir/go.mod" "$E2E/$dir/go.sum" | sha256sum | cut -c1-16)
     local out="$CACHE/$dir-$key"
@@ -76,6 +81,7 @@ dirs=(
 )
 # One directory of links to the current binaries, for PATH.
 for d in "${dirs[@]}"; do
+    [ -n "$d" ] || continue # not built (CKS_E2E_ONLY)
     for f in "$d"/*; do ln -sfn "$f" "$CACHE/bin/$(basename "$f")"; done
 done
 printf '%s\n' "$CACHE/bin"
