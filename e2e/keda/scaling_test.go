@@ -251,6 +251,9 @@ func TestRedisPushNeverLost(t *testing.T) {
 	ns := namespace(t, nsName(t, ""))
 	secret, deployment, so := exampleWorker(t)
 	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
+	// Scale-in waits for a poll: 5 s instead of the example's 30 s keeps the five cycles short.
+	// Activation does not depend on it (it is pushed).
+	set(t, so, int64(5), "spec", "pollingInterval")
 	apply(t, ns, secret, deployment)
 	rw := watchReplicas(t, ns, deployment.GetName())
 	pub.publish(t, "celery", 1, 0)
