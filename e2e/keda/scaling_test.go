@@ -286,3 +286,73 @@ func TestRedisPushNeverLost(t *testing.T) {
 	}
 	pub.purge(t, "celery", "priority")
 }
+
+// TestRedisScaleDownFollowsBehavior: the worker example's HPA behavior (scale up at once; scale
+// down by at most 2 pods per period after a stabilization window), with the windows shortened to
+// 20 s and 15 s: 47 tasks take the Deployment from 1 to 10 in one step; a drained queue steps it
+// down by at most 2 pods per 15 s; KEDA takes it to 0 after cooldownPeriod.
+func TestRedisScaleDownFollowsBehavior(t *testing.T) {
+	const period = 15
+	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	pub := newPublisher(t, broker)
+	pub.purge(t, "celery", "priority")
+	ns := namespace(t, nsName(t, ""))
+	secret, deployment, so := exampleWorker(t)
+	setTrigger(t, so, "queueLength", "5")
+	set(t, so, int64(5), "spec", "pollingInterval")
+	set(t, so, int64(150), "spec", "cooldownPeriod")
+	behavior, found, _ := unstructured.NestedMap(so.Object, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior")
+	if !found {
+		t.Fatal("deploy/examples/redis/worker.yaml has no advanced.horizontalPodAutoscalerConfig.behavior")
+	}
+	down := behavior["scaleDown"].(map[string]any)
+	policies := down["policies"].([]any)
+	step, _, err := nestedInt(policies[0].(map[string]any), "value")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Not shorter than the period, as in the example: the HPA counts a period from the replicas at
+	// its start, so a scale-up inside the same period would net out against the scale-down limit.
+	down["stabilizationWindowSeconds"] = int64(20)
+	policies[0].(map[string]any)["periodSeconds"] = int64(period)
+	set(t, so, behavior, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior")
+	apply(t, ns, secret, deployment, so)
+	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	hpa, err := kube.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).Get(context.Background(), "keda-hpa-"+so.GetName(), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := hpa.Spec.Behavior; b == nil || b.ScaleDown == nil || len(b.ScaleDown.Policies) != 1 || b.ScaleDown.Policies[0].Value != int32(step) {
+		t.Fatalf("KEDA's HPA does not carry the example's scale-down behavior: %+v", hpa.Spec.Behavior)
+	}
+	rw := watchReplicas(t, ns, deployment.GetName())
+
+	pub.publish(t, "celery", 47, 0)
+	if _, ok := rw.waitFor(10, 60*time.Second); !ok {
+		t.Fatalf("47 tasks: replicas %d, want 10; %v\n%s", rw.current().Replicas, rw.changes(), describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	if h := rw.changes(); len(h) != 3 || h[1].Replicas != 1 || h[2].Replicas != 10 {
+		t.Fatalf("scale-up was not one step from 1 to 10: %v", h)
+	}
+	drainedFrom := len(rw.changes())
+	startWorker(t, broker, []string{"celery", "priority"}, 4)
+	waitDepthZero(t, broker)
+	if _, ok := rw.waitFor(0, 300*time.Second); !ok {
+		t.Fatalf("drained: replicas %d, want 0; %v\n%s", rw.current().Replicas, rw.changes(), describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	h := rw.changes()
+	t.Logf("replicas: %v", h)
+	// HPA steps: 10 -> 8 -> ... -> 1, each at most `step` pods and a period after the last.
+	for i := drainedFrom; i < len(h)-1; i++ {
+		prev, cur := h[i-1], h[i]
+		if prev.Replicas-cur.Replicas > int32(step) {
+			t.Fatalf("step %v -> %v removes more than %d pods: %v", prev, cur, step, h)
+		}
+		if i > drainedFrom && cur.At.Sub(prev.At) < (period-1)*time.Second {
+			t.Fatalf("step %v -> %v came %s after the previous one, within the %d s period: %v", prev, cur, cur.At.Sub(prev.At), period, h)
+		}
+	}
+	if steps := len(h) - 1 - drainedFrom; steps < 4 {
+		t.Fatalf("the HPA stepped down %d times, want at least 4 (10 -> 1 by %d): %v", steps, step, h)
+	}
+}
