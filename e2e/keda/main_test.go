@@ -217,7 +217,7 @@ type publisher struct {
 	out *bufio.Scanner
 }
 
-func newPublisher(t *testing.T, brokerURL string) *publisher {
+func newPublisher(t testing.TB, brokerURL string) *publisher {
 	t.Helper()
 	cmd := exec.Command(python, filepath.Join(repoRoot, "tests", "celery_app", "publish_loop.py"))
 	cmd.Env = append(os.Environ(), "CKS_BROKER="+brokerURL)
@@ -255,7 +255,7 @@ func (p *publisher) read() (map[string]any, error) {
 	return answer, nil
 }
 
-func (p *publisher) do(t *testing.T, cmd map[string]any) map[string]any {
+func (p *publisher) do(t testing.TB, cmd map[string]any) map[string]any {
 	t.Helper()
 	b, _ := json.Marshal(cmd)
 	if _, err := p.in.Write(append(b, '\n')); err != nil {
@@ -269,7 +269,7 @@ func (p *publisher) do(t *testing.T, cmd map[string]any) map[string]any {
 }
 
 // publish sends count `cks.sleep(seconds)` tasks to queue and returns when Celery has published them.
-func (p *publisher) publish(t *testing.T, queue string, count int, seconds float64) {
+func (p *publisher) publish(t testing.TB, queue string, count int, seconds float64) {
 	t.Helper()
 	got := p.do(t, map[string]any{"op": "publish", "queue": queue, "count": count, "seconds": seconds})
 	if got["published"] != float64(count) {
@@ -277,13 +277,13 @@ func (p *publisher) publish(t *testing.T, queue string, count int, seconds float
 	}
 }
 
-func (p *publisher) purge(t *testing.T, queues ...string) {
+func (p *publisher) purge(t testing.TB, queues ...string) {
 	t.Helper()
 	p.do(t, map[string]any{"op": "purge", "queues": queues})
 }
 
 // startWorker runs a real Celery worker (threads pool) on queues until the test ends.
-func startWorker(t *testing.T, brokerURL string, queues []string, concurrency int) {
+func startWorker(t testing.TB, brokerURL string, queues []string, concurrency int) {
 	t.Helper()
 	logPath := filepath.Join(workDir, "logs", strings.ReplaceAll(t.Name(), "/", "_")+"-worker.log")
 	f, err := os.Create(logPath)
@@ -319,7 +319,7 @@ func startWorker(t *testing.T, brokerURL string, queues []string, concurrency in
 
 // namespace creates a namespace for one test (namespaces are never deleted: no namespace
 // controller runs, and the control plane's state is thrown away after the run).
-func namespace(t *testing.T, name string) string {
+func namespace(t testing.TB, name string) string {
 	t.Helper()
 	_, err := kube.Client.CoreV1().Namespaces().Create(context.Background(),
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
@@ -330,7 +330,7 @@ func namespace(t *testing.T, name string) string {
 }
 
 // readExample decodes a file of deploy/examples (or any repository path).
-func readExample(t *testing.T, rel string) []*unstructured.Unstructured {
+func readExample(t testing.TB, rel string) []*unstructured.Unstructured {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(repoRoot, rel))
 	if err != nil {
@@ -343,7 +343,7 @@ func readExample(t *testing.T, rel string) []*unstructured.Unstructured {
 	return objs
 }
 
-func find(t *testing.T, objs []*unstructured.Unstructured, kind string) *unstructured.Unstructured {
+func find(t testing.TB, objs []*unstructured.Unstructured, kind string) *unstructured.Unstructured {
 	t.Helper()
 	for _, o := range objs {
 		if o.GetKind() == kind {
@@ -354,7 +354,7 @@ func find(t *testing.T, objs []*unstructured.Unstructured, kind string) *unstruc
 	return nil
 }
 
-func set(t *testing.T, o *unstructured.Unstructured, value any, path ...string) {
+func set(t testing.TB, o *unstructured.Unstructured, value any, path ...string) {
 	t.Helper()
 	if err := unstructured.SetNestedField(o.Object, value, path...); err != nil {
 		t.Fatalf("set %v on %s %s: %v", path, o.GetKind(), o.GetName(), err)
@@ -362,7 +362,7 @@ func set(t *testing.T, o *unstructured.Unstructured, value any, path ...string) 
 }
 
 // setTrigger changes one metadata key of every trigger of a ScaledObject or ScaledJob.
-func setTrigger(t *testing.T, o *unstructured.Unstructured, key, value string) {
+func setTrigger(t testing.TB, o *unstructured.Unstructured, key, value string) {
 	t.Helper()
 	triggers, _, _ := unstructured.NestedSlice(o.Object, "spec", "triggers")
 	if len(triggers) == 0 {
@@ -376,7 +376,7 @@ func setTrigger(t *testing.T, o *unstructured.Unstructured, key, value string) {
 }
 
 // setImage points every container at an image that is never pulled (no kubelet runs).
-func setImage(t *testing.T, o *unstructured.Unstructured) {
+func setImage(t testing.TB, o *unstructured.Unstructured) {
 	t.Helper()
 	path := []string{"spec", "template", "spec", "containers"}
 	if o.GetKind() == "ScaledJob" {
@@ -389,7 +389,7 @@ func setImage(t *testing.T, o *unstructured.Unstructured) {
 	set(t, o, containers, path...)
 }
 
-func apply(t *testing.T, ns string, objs ...*unstructured.Unstructured) {
+func apply(t testing.TB, ns string, objs ...*unstructured.Unstructured) {
 	t.Helper()
 	for _, o := range objs {
 		if _, err := kube.Apply(context.Background(), ns, o); err != nil {
@@ -455,7 +455,7 @@ func grepLog(path, needle string, n int) string {
 
 // waitReady waits until a ScaledObject is Ready and KEDA has written its metric names (before
 // that KEDA drops pushes) and its HPA exists.
-func waitScaledObjectReady(t *testing.T, ns, name string, timeout time.Duration) {
+func waitScaledObjectReady(t testing.TB, ns, name string, timeout time.Duration) {
 	t.Helper()
 	ctx := context.Background()
 	deadline := time.Now().Add(timeout)
@@ -494,7 +494,7 @@ func (c replicaChange) String() string {
 	return fmt.Sprintf("%d at %s", c.Replicas, c.At.Format("15:04:05.000"))
 }
 
-func watchReplicas(t *testing.T, ns, name string) *replicaWatch {
+func watchReplicas(t testing.TB, ns, name string) *replicaWatch {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	rw := &replicaWatch{notify: make(chan struct{}, 1), stop: cancel}
@@ -570,7 +570,7 @@ func (rw *replicaWatch) waitFor(want int32, timeout time.Duration) (time.Time, b
 var unsafeName = regexp.MustCompile(`[^a-z0-9-]+`)
 
 // nsName turns a test name into a namespace name.
-func nsName(t *testing.T, suffix string) string {
+func nsName(t testing.TB, suffix string) string {
 	n := strings.Trim(unsafeName.ReplaceAllString(strings.ToLower(t.Name()), "-"), "-")
 	if suffix != "" {
 		n += "-" + suffix

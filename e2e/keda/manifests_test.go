@@ -20,7 +20,7 @@ import (
 
 // moduleDir returns a module's directory in the module cache, as pinned by the go.mod of dir
 // (relative to e2e/keda), downloading it if needed.
-func moduleDir(t *testing.T, dir, module string) string {
+func moduleDir(t testing.TB, dir, module string) string {
 	t.Helper()
 	cmd := exec.Command("go", "mod", "download", "-json", module)
 	cmd.Dir = dir
@@ -37,7 +37,7 @@ func moduleDir(t *testing.T, dir, module string) string {
 }
 
 // installCRDs applies CRD files and waits until each is Established.
-func installCRDs(t *testing.T, files ...string) {
+func installCRDs(t testing.TB, files ...string) {
 	t.Helper()
 	ctx := context.Background()
 	crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
@@ -68,7 +68,7 @@ func installCRDs(t *testing.T, files ...string) {
 	}
 }
 
-func kustomize(t *testing.T, dir string, extra ...string) []*unstructured.Unstructured {
+func kustomize(t testing.TB, dir string, extra ...string) []*unstructured.Unstructured {
 	t.Helper()
 	args := append([]string{"kustomize"}, extra...)
 	cmd := exec.Command("kubectl", append(args, dir)...)
@@ -89,7 +89,7 @@ func kustomize(t *testing.T, dir string, extra ...string) []*unstructured.Unstru
 // ScaledObjects and ScaledJobs are applied with dryRun=All: fully validated and admitted, never
 // stored, because KEDA would act on a stored one and its gRPC client would look up the example's
 // scalerAddress (a cluster DNS name) through this machine's resolver.
-func applyAll(t *testing.T, what, ns string, objs []*unstructured.Unstructured) int {
+func applyAll(t testing.TB, what, ns string, objs []*unstructured.Unstructured) int {
 	t.Helper()
 	if len(objs) == 0 {
 		t.Fatalf("%s: no objects", what)
@@ -210,7 +210,7 @@ func TestManifestsApply(t *testing.T) {
 var fixtureKedaRefusal = regexp.MustCompile(`(?m)^# apiserver: accepts.*\n#.*Ready=False with a message containing "([^"]+)"`)
 
 // waitNotReady waits for KEDA to mark a ScaledObject Ready=False with a message containing want.
-func waitNotReady(t *testing.T, ns, name, want string) string {
+func waitNotReady(t testing.TB, ns, name, want string) string {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -231,7 +231,7 @@ func waitNotReady(t *testing.T, ns, name, want string) string {
 
 // applySidecar renders deploy/overlays/sidecar against KEDA's own config/manager/manager.yaml and
 // applies it; the result must keep KEDA's container as it was and add the scaler beside it.
-func applySidecar(t *testing.T) int {
+func applySidecar(t testing.TB) int {
 	t.Helper()
 	kedaDir := moduleDir(t, ".", "github.com/kedacore/keda/v2")
 	manager, err := os.ReadFile(filepath.Join(kedaDir, "config", "manager", "manager.yaml"))

@@ -14,7 +14,7 @@ import (
 
 // rabbitVhost creates a vhost of this test on the suite's RabbitMQ (guest may use it) and returns
 // its AMQP URL and the management API's base URL.
-func rabbitVhost(t *testing.T, name string) (amqpURL, managementURL string) {
+func rabbitVhost(t testing.TB, name string) (amqpURL, managementURL string) {
 	t.Helper()
 	mgmt := strings.TrimRight(os.Getenv("CKS_RABBITMQ_MANAGEMENT_URL"), "/")
 	base := strings.TrimRight(os.Getenv("CKS_AMQP_URL"), "/")
@@ -123,7 +123,7 @@ func TestMistakesAreShownAndFixed(t *testing.T) {
 }
 
 // holdReplicas checks spec.replicas stays want for the whole period.
-func holdReplicas(t *testing.T, rw *replicaWatch, want int32, period time.Duration) {
+func holdReplicas(t testing.TB, rw *replicaWatch, want int32, period time.Duration) {
 	t.Helper()
 	start := time.Now()
 	time.Sleep(period)
@@ -135,7 +135,7 @@ func holdReplicas(t *testing.T, rw *replicaWatch, want int32, period time.Durati
 }
 
 // waitEvent waits for an event with the reason whose message contains substr, and returns it.
-func waitEvent(t *testing.T, ns, reason, substr string, timeout time.Duration) string {
+func waitEvent(t testing.TB, ns, reason, substr string, timeout time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -153,4 +153,3 @@ func waitEvent(t *testing.T, ns, reason, substr string, timeout time.Duration) s
 		time.Sleep(200 * time.Millisecond)
 	}
 }
-

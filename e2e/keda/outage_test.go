@@ -20,7 +20,7 @@ type ownRedis struct {
 	dir  string
 }
 
-func startOwnRedis(t *testing.T, r *ownRedis) {
+func startOwnRedis(t testing.TB, r *ownRedis) {
 	t.Helper()
 	if r.port == 0 {
 		p, err := cluster.FreePort()
@@ -46,7 +46,7 @@ func startOwnRedis(t *testing.T, r *ownRedis) {
 	}
 }
 
-func (r *ownRedis) stop(t *testing.T) {
+func (r *ownRedis) stop(t testing.TB) {
 	t.Helper()
 	// Exits with an error status when the connection drops at shutdown: that is the success case.
 	_ = exec.Command("redis-cli", "-p", strconv.Itoa(r.port), "shutdown", "save").Run()
@@ -147,7 +147,7 @@ func nestedInt(obj map[string]any, path ...string) (int64, bool, error) {
 }
 
 // waitCondition waits for a ScaledObject condition to have the given status.
-func waitCondition(t *testing.T, ns, name, condition, status string) {
+func waitCondition(t testing.TB, ns, name, condition, status string) {
 	t.Helper()
 	deadline := time.Now().Add(90 * time.Second)
 	for {

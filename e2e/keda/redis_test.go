@@ -29,7 +29,7 @@ var e2eRedisDB = func() int {
 
 // exampleWorker loads deploy/examples/redis/worker.yaml with only what this machine needs changed:
 // the broker URL in the Secret (our Redis), the image (never pulled: no kubelet) and scalerAddress.
-func exampleWorker(t *testing.T) (secret, deployment, scaledObject *unstructured.Unstructured) {
+func exampleWorker(t testing.TB) (secret, deployment, scaledObject *unstructured.Unstructured) {
 	t.Helper()
 	objs := readExample(t, "deploy/examples/redis/worker.yaml")
 	if len(objs) != 3 {
@@ -43,7 +43,7 @@ func exampleWorker(t *testing.T) (secret, deployment, scaledObject *unstructured
 }
 
 // waitStreams waits until the scaler has exactly n open StreamIsActive streams.
-func waitStreams(t *testing.T, n float64, timeout time.Duration) {
+func waitStreams(t testing.TB, n float64, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -123,7 +123,7 @@ func TestRedisPushFromZero(t *testing.T) {
 
 // waitHPAMetric waits until the HPA KEDA made reports the external metric (read from the scaler
 // through KEDA's metrics apiserver) as want per replica.
-func waitHPAMetric(t *testing.T, ns, name string, want int64) {
+func waitHPAMetric(t testing.TB, ns, name string, want int64) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -193,7 +193,7 @@ func TestRedisScaleBackToZero(t *testing.T) {
 
 // waitDepthZero waits until the scaler reads 0 for the example's trigger (the worker finished
 // every task), using the scaler's own probe command, and returns when it first did.
-func waitDepthZero(t *testing.T, broker string) time.Time {
+func waitDepthZero(t testing.TB, broker string) time.Time {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -228,7 +228,7 @@ func msAll(ds []time.Duration) []float64 {
 }
 
 // writeResult appends a scenario's figures to $CKS_E2E_RESULTS (JSON lines), for docs/BENCHMARKS.md.
-func writeResult(t *testing.T, name string, fields map[string]any) {
+func writeResult(t testing.TB, name string, fields map[string]any) {
 	t.Helper()
 	path := os.Getenv("CKS_E2E_RESULTS")
 	if path == "" {

@@ -12,7 +12,7 @@ import (
 
 // builtinRedis makes a copy of the example's Deployment and a ScaledObject for KEDA's own `redis`
 // scaler on the same list: the comparison the README's table makes, measured in the same run.
-func builtinRedis(t *testing.T, ns string, deployment *unstructured.Unstructured, list string, listLength int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
+func builtinRedis(t testing.TB, ns string, deployment *unstructured.Unstructured, list string, listLength int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
 	t.Helper()
 	dep = deployment.DeepCopy()
 	dep.SetName("builtin-redis-worker")
@@ -159,7 +159,7 @@ func TestRedisNeverToZeroUnderRunningTasks(t *testing.T) {
 }
 
 // waitStarted waits until n tasks published with marker have started (cks.sleep counts them).
-func waitStarted(t *testing.T, pub *publisher, marker string, n int) {
+func waitStarted(t testing.TB, pub *publisher, marker string, n int) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -207,7 +207,7 @@ func countJobs(ns, scaledJob string) (int, error) {
 	return len(jobs.Items), nil
 }
 
-func waitJobs(t *testing.T, ns, scaledJob string, want int, timeout time.Duration) {
+func waitJobs(t testing.TB, ns, scaledJob string, want int, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -226,7 +226,7 @@ func waitJobs(t *testing.T, ns, scaledJob string, want int, timeout time.Duratio
 }
 
 // holdJobs checks the Job count stays exactly want for the whole period.
-func holdJobs(t *testing.T, ns, scaledJob string, want int, period time.Duration) {
+func holdJobs(t testing.TB, ns, scaledJob string, want int, period time.Duration) {
 	t.Helper()
 	end := time.Now().Add(period)
 	for time.Now().Before(end) {

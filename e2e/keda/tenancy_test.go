@@ -99,7 +99,7 @@ func TestTenancyBrokerReservedToNamespace(t *testing.T) {
 	pub.purge(t, "celery")
 }
 
-func readFile(t *testing.T, path string) string {
+func readFile(t testing.TB, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -121,7 +121,7 @@ func unstructuredStringMap(obj map[string]any, field string) (map[string]string,
 }
 
 // waitLogLine waits for a line of a log file that contains both strings, and returns it.
-func waitLogLine(t *testing.T, path, a, b string, timeout time.Duration) string {
+func waitLogLine(t testing.TB, path, a, b string, timeout time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {

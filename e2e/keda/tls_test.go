@@ -12,7 +12,7 @@ import (
 
 // writeServerCert issues a server certificate for 127.0.0.1 from the cluster's CA and replaces
 // tls.crt/tls.key in dir by rename (a reader never sees half a file).
-func writeServerCert(t *testing.T, dir, cn string) {
+func writeServerCert(t testing.TB, dir, cn string) {
 	t.Helper()
 	leaf, err := kube.CA.Issue(cn, nil, "127.0.0.1", "localhost")
 	if err != nil {

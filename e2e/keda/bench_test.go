@@ -1,0 +1,108 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+)
+
+// BenchmarkActivation measures publish -> spec.replicas == 1 through the real KEDA for four
+// triggers on the same Redis queue, CKS_E2E_BENCH_TRIALS times each (default 20), a fresh
+// ScaledObject per trial: our external-push trigger (the worker example), our `external` trigger
+// polled every 5 s, and KEDA's built-in `redis` scaler polled every 30 s (KEDA's default) and every
+// 5 s. Run it with:
+//
+//	bash e2e/scripts/run.sh -run '^$' -bench Activation -benchtime 1x
+//
+// It reports p50 and p90 in milliseconds per variant and appends them to the results file.
+func BenchmarkActivation(b *testing.B) {
+	trials := 20
+	if v, err := strconv.Atoi(os.Getenv("CKS_E2E_BENCH_TRIALS")); err == nil && v > 0 {
+		trials = v
+	}
+	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	variants := []struct {
+		name    string
+		polling int64
+		make    func(ns string, deployment *unstructured.Unstructured) *unstructured.Unstructured
+	}{
+		{"ours external-push", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
+			return benchScaledObject(d.GetName(), "external-push", 30, map[string]any{
+				"scalerAddress": scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
+			})
+		}},
+		{"ours external, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
+			return benchScaledObject(d.GetName(), "external", 5, map[string]any{
+				"scalerAddress": scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
+			})
+		}},
+		{"KEDA redis, pollingInterval 30 s", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
+			return benchScaledObject(d.GetName(), "redis", 30, map[string]any{
+				"address": redisURL[len("redis://"):], "listName": "celery", "listLength": "10", "databaseIndex": fmt.Sprint(e2eRedisDB),
+			})
+		}},
+		{"KEDA redis, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
+			return benchScaledObject(d.GetName(), "redis", 5, map[string]any{
+				"address": redisURL[len("redis://"):], "listName": "celery", "listLength": "10", "databaseIndex": fmt.Sprint(e2eRedisDB),
+			})
+		}},
+	}
+	for n := 0; n < b.N; n++ {
+		for vi, v := range variants {
+			pub := newPublisher(b, broker)
+			var lat []time.Duration
+			for i := 1; i <= trials; i++ {
+				ns := fmt.Sprintf("bench-activation-%d-%d-%d", n, vi, i)
+				namespace(b, ns)
+				pub.purge(b, "celery", "priority")
+				secret, deployment, _ := exampleWorker(b)
+				so := v.make(ns, deployment)
+				for _, o := range []*unstructured.Unstructured{secret, deployment, so} {
+					if _, err := kube.Apply(context.Background(), ns, o); err != nil {
+						b.Fatal(err)
+					}
+				}
+				waitScaledObjectReady(b, ns, so.GetName(), 60*time.Second)
+				// A random phase against the polls: KEDA polled once at start.
+				time.Sleep(time.Duration(i%7) * 700 * time.Millisecond)
+				rw := watchReplicas(b, ns, deployment.GetName())
+				pub.publish(b, "celery", 1, 0)
+				published := time.Now()
+				at, ok := rw.waitFor(1, time.Duration(v.polling+30)*time.Second)
+				if !ok {
+					b.Fatalf("%s trial %d: no replica within %d s\n%s", v.name, i, v.polling+30, describe(ns, scaledObjectGVR, so.GetName()))
+				}
+				lat = append(lat, at.Sub(published))
+				rw.stop()
+				_ = kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Delete(context.Background(), so.GetName(), metav1.DeleteOptions{})
+			}
+			pub.purge(b, "celery", "priority")
+			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+			p50, p90 := percentile(lat, 50), percentile(lat, 90)
+			b.Logf("%-36s n=%d p50=%7.0f ms p90=%7.0f ms max=%7.0f ms", v.name, len(lat), ms(p50), ms(p90), ms(lat[len(lat)-1]))
+			b.ReportMetric(ms(p50), fmt.Sprintf("p50-ms/%d", vi))
+			b.ReportMetric(ms(p90), fmt.Sprintf("p90-ms/%d", vi))
+			writeResult(b, "activation", map[string]any{"variant": v.name, "trials": len(lat), "p50_ms": ms(p50), "p90_ms": ms(p90), "max_ms": ms(lat[len(lat)-1])})
+		}
+	}
+}
+
+func benchScaledObject(target, kind string, polling int64, md map[string]any) *unstructured.Unstructured {
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+		"metadata": map[string]any{"name": "bench"},
+		"spec": map[string]any{
+			"scaleTargetRef":  map[string]any{"name": target},
+			"minReplicaCount": int64(0), "maxReplicaCount": int64(20),
+			"pollingInterval": polling, "cooldownPeriod": int64(300),
+			"triggers": []any{map[string]any{"type": kind, "metadata": md}},
+		},
+	}}
+}
