@@ -47,4 +47,5 @@ unformatted="$(gofmt -l e2e)"
 
 log "go test (e2e/keda), prepared in $((SECONDS - START))s"
 cd e2e/keda
-exec go test -count=1 -v -timeout 50m "$@" ./...
+# One package: go test streams its output (with ./... it holds each package's output until it ends).
+exec go test -count=1 -v -timeout 50m "$@" .
