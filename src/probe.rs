@@ -37,7 +37,10 @@ pub fn parse_args(args: &[String]) -> Result<HashMap<String, String>, String> {
 /// Runs one reading and renders it. `Err` carries the text the RPC would return as its status.
 pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, Error> {
     let trigger = core.trigger(meta)?;
-    let depth = core.read(&trigger.query).await?;
+    let depth = core.read(&trigger.query).await;
+    // The process exits next: no census may be left half done on the broker.
+    core.stop_censuses().await;
+    let depth = depth?;
     let q = &trigger.query;
     let mut out = String::new();
     let on_off = |b: bool| if b { "on" } else { "off" };
@@ -97,6 +100,16 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
             for (worker, n) in per_worker {
                 let _ = writeln!(out, "             {n:>8}  on {worker}");
             }
+        }
+    }
+    if !depth.unresolved.is_empty() {
+        let _ = writeln!(
+            out,
+            "unresolved   {:>8}  running, acknowledged, queue unknown (not counted)",
+            depth.unresolved.len()
+        );
+        for line in &depth.unresolved {
+            let _ = writeln!(out, "             {line}");
         }
     }
     let total = depth.total();

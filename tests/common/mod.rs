@@ -352,6 +352,8 @@ pub struct CeleryConf {
     pub confirm_publish: bool,
     /// kombu's SQS `queue_name_prefix`.
     pub queue_name_prefix: Option<String>,
+    /// JSON [{"name", "exchange", "type", "routing_key"}]: custom routing (`task_queues`).
+    pub task_queues: Option<String>,
 }
 
 impl CeleryConf {
@@ -380,6 +382,7 @@ impl CeleryConf {
         opt(cmd, "CKS_MASTER_NAME", &self.master_name);
         opt(cmd, "CKS_QUEUE_ARGS", &self.queue_args);
         opt(cmd, "CKS_QUEUE_NAME_PREFIX", &self.queue_name_prefix);
+        opt(cmd, "CKS_TASK_QUEUES", &self.task_queues);
         cmd.env(
             "CKS_CONFIRM_PUBLISH",
             if self.confirm_publish { "1" } else { "0" },
@@ -403,6 +406,16 @@ impl CeleryConf {
             .trim()
             .parse()
             .expect("publish.py prints a count")
+    }
+
+    /// Runs `celery -A cks_app inspect <args>` (real Celery remote control), bounded.
+    pub fn inspect(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "celery", "-A", "cks_app", "inspect"])
+            .args(args)
+            .stdin(Stdio::null());
+        self.apply(&mut cmd);
+        cmd.output().expect("celery inspect runs")
     }
 
     /// Starts a real Celery worker (threads pool) consuming `queues`.
@@ -580,7 +593,7 @@ pub fn management_base() -> String {
         .to_string()
 }
 
-fn http() -> reqwest::Client {
+pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -1147,6 +1160,14 @@ impl ScalerProcess {
     /// The scaler's resident set size in KiB.
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stdout.take();
+        self.stderr.take();
     }
 
     /// SIGTERM, then waits (bounded) for the exit and the collected output.
