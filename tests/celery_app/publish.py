@@ -1,7 +1,7 @@
 """Publishes tasks with real Celery, as an application would.
 
     python publish.py --queue Q [--count N] [--priority P | --priorities 0-9] [--countdown S]
-                      [--seconds S] [--marker KEY] [--routing-key K]
+                      [--seconds S] [--marker KEY] [--routing-key K] [--exchange E]
 
 With CKS_TASK_QUEUES, every configured queue is declared (and bound) first.
 
@@ -30,6 +30,11 @@ def main():
     p.add_argument("--seconds", type=float, default=0.0, help="how long each task sleeps")
     p.add_argument("--marker")
     p.add_argument("--routing-key", help="routing key (default: the queue's own)")
+    p.add_argument(
+        "--exchange",
+        help="exchange (with --routing-key; without both Celery sends a direct queue's tasks "
+        "through the default exchange)",
+    )
     a = p.parse_args()
 
     if os.environ.get("CKS_TASK_QUEUES"):
@@ -49,6 +54,8 @@ def main():
             options = {"queue": a.queue, "producer": producer}
             if pri is not None:
                 options["priority"] = pri
+            if a.exchange is not None:
+                options["exchange"] = a.exchange
             if a.routing_key is not None:
                 options["routing_key"] = a.routing_key
             if a.countdown is not None:
