@@ -124,12 +124,18 @@ pub async fn serve(
     health_reporter
         .set_serving::<ExternalScalerServer<Service>>()
         .await;
-    // v1 and v1alpha from the same descriptor sets: grpcurl and grpc-go ask v1, while Python's
-    // grpcio-reflection client, Evans, Postman and older grpcurl still ask v1alpha.
+    // v1 and v1alpha from the same descriptor sets (each lists both reflection services, as
+    // grpc-go's server does): grpcurl and grpc-go ask v1, while Python's grpcio-reflection
+    // client, Evans, Postman and older grpcurl still ask v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
