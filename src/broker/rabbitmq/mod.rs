@@ -221,20 +221,15 @@ impl RabbitBroker {
         Ok(channel)
     }
 
-    /// `inspect active` and `active_queues` over kombu's AMQP pidbox. With no queue bound to
-    /// `celery.pidbox` no worker can answer: the census is empty and declares nothing.
-    /// Otherwise the mailbox exchanges and this process's reply queue are declared as Celery's
-    /// own `inspect` declares them (the queue exclusive and auto-delete, `x-expires` 10 s,
-    /// `x-message-ttl` 300 s), so the queue goes with the connection and nothing of it outlives
-    /// the process. Tasks are attributed to queues through the vhost's bindings.
+    /// `inspect active` and `active_queues` over kombu's AMQP pidbox. Without the
+    /// `celery.pidbox` exchange no worker ever listened in this vhost: the census is empty and
+    /// declares nothing. Otherwise the mailbox exchanges and this process's reply queue are
+    /// declared as Celery's own `inspect` declares them (the queue exclusive and auto-delete,
+    /// `x-expires` 10 s, `x-message-ttl` 300 s), so the queue goes with the connection and
+    /// nothing of it outlives the process. Tasks that came through a named exchange are
+    /// attributed to queues through the vhost's bindings (management API).
     async fn inspect_active(&self, layout: &RabbitLayout, window: Duration) -> Result<Census> {
-        let routes = self.routes(&layout.management, false).await?;
-        if !routes.has_bindings(MAILBOX)
-            && !self
-                .routes(&layout.management, true)
-                .await?
-                .has_bindings(MAILBOX)
-        {
+        if !self.mailbox_exists().await? {
             return Ok(Census::default());
         }
         let result = self.broadcast(window).await;
@@ -242,13 +237,49 @@ impl RabbitBroker {
             self.amqp.lock().await.census = None;
         }
         let mut census = result?;
-        let mut routes = self.routes(&layout.management, false).await?;
-        if census.tasks.iter().any(|t| !routes.knows(&t.exchange)) {
-            // An exchange declared since the routes were read.
-            routes = self.routes(&layout.management, true).await?;
-        }
+        let routed = |c: &Census| c.tasks.iter().any(|t| !t.exchange.is_empty());
+        let routes = if routed(&census) {
+            let mut routes = self.routes(&layout.management, false).await?;
+            if census.tasks.iter().any(|t| !routes.knows(&t.exchange)) {
+                // An exchange declared since the routes were read.
+                routes = self.routes(&layout.management, true).await?;
+            }
+            routes
+        } else {
+            // Every task came through the default exchange: no binding to read.
+            Arc::new(Routes::default())
+        };
         census.resolve(|ex, rk| routes.route(ex, rk));
         Ok(census)
+    }
+
+    /// Whether the `celery.pidbox` exchange exists (a passive declare, which writes nothing).
+    async fn mailbox_exists(&self) -> Result<bool> {
+        use lapin::options::ExchangeDeclareOptions;
+        let ch = self.channel_in(true).await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        match ch
+            .exchange_declare(
+                MAILBOX.into(),
+                lapin::ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                // The broker closes the channel on a failed passive declare.
+                self.amqp.lock().await.census = None;
+                match self.convert(e, Stage::Query) {
+                    Error::NotFound(_) => Ok(false),
+                    other => Err(other),
+                }
+            }
+        }
     }
 
     /// Declares the reply queue, broadcasts both commands and collects the replies that arrive

@@ -51,11 +51,6 @@ impl Routes {
         }
     }
 
-    /// Whether any queue is bound to `exchange` (for `celery.pidbox`: whether a worker listens).
-    pub fn has_bindings(&self, exchange: &str) -> bool {
-        self.bindings.get(exchange).is_some_and(|b| !b.is_empty())
-    }
-
     /// Whether `exchange` is known.
     pub fn knows(&self, exchange: &str) -> bool {
         exchange.is_empty() || self.kinds.contains_key(exchange)
@@ -160,8 +155,6 @@ mod tests {
         assert_eq!(routes.route("", "celery"), ["celery"]);
         assert!(routes.route("hdr", "").is_empty());
         assert!(routes.route("missing", "k").is_empty());
-        assert!(routes.has_bindings("fan"));
-        assert!(!routes.has_bindings("celery.pidbox"));
         assert!(routes.knows("jobs") && !routes.knows("missing"));
     }
 

@@ -348,7 +348,15 @@ impl RedisBroker {
         let oid = new_oid();
         let tickets = Tickets::new();
         let (reply_key, _, member) = pidbox::reply_queue(layout, &oid);
-        pipe.sadd(&reply_table, &member).ignore();
+        // The list exists, with its expiry, before any worker can push to it: a push keeps the
+        // expiry, so a process killed from here on leaves nothing that lasts. The placeholder is
+        // not a reply envelope and is skipped when the replies are read.
+        pipe.sadd(&reply_table, &member)
+            .ignore()
+            .rpush(&reply_key, REPLY_PLACEHOLDER)
+            .ignore()
+            .pexpire(&reply_key, STALE_REPLY.as_millis() as i64)
+            .ignore();
         let channel = pidbox::broadcast_channel(layout, self.target.db);
         for command in Command::ALL {
             pipe.publish(
@@ -358,7 +366,7 @@ impl RedisBroker {
         }
         let (receivers, _): (u64, u64) = self.run(&pipe).await?;
         let collected = self
-            .collect_replies(&reply_key, receivers * 2, window)
+            .collect_replies(&reply_key, receivers * 2 + 1, window)
             .await;
         // Unbound first, so a worker that answers late finds no binding rather than refilling
         // the list after it is deleted (kombu's `after_reply_message_received` does the same).
@@ -391,23 +399,21 @@ impl RedisBroker {
         Ok(census)
     }
 
-    /// Waits until `expected` replies are in `reply_key` or `window` ends, keeping the list's
-    /// expiry set so that it vanishes even if this process is killed now.
+    /// Waits until `reply_key` holds `expected` entries (the placeholder and the replies) or
+    /// `window` ends.
     async fn collect_replies(
         &self,
         reply_key: &str,
         expected: u64,
         window: Duration,
     ) -> Result<()> {
-        if expected == 0 {
+        if expected <= 1 {
             return Ok(());
         }
         let started = tokio::time::Instant::now();
         loop {
             let mut pipe = redis::pipe();
-            pipe.pexpire(reply_key, STALE_REPLY.as_millis() as i64)
-                .ignore()
-                .llen(reply_key);
+            pipe.llen(reply_key);
             let (len,): (u64,) = self.run(&pipe).await?;
             if len >= expected || started.elapsed() >= window {
                 return Ok(());
@@ -416,6 +422,9 @@ impl RedisBroker {
         }
     }
 }
+
+/// The first entry of a reply list, so that the list exists with its expiry before the replies.
+const REPLY_PLACEHOLDER: &str = "celery-keda-scaler: waiting for replies";
 
 /// How long a reply binding and list of this scaler can be in use: a census lasts at most its
 /// deadline (seconds), so an older one is a leftover of a stopped process. Also the reply list's
