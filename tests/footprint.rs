@@ -258,7 +258,7 @@ async fn the_scaler_leaves_nothing_on_redis() {
 }
 
 /// A vhost's queues, exchanges and bindings.
-async fn rabbit_state(vhost: &str) -> BTreeSet<String> {
+async fn rabbit_state(vhost: &Vhost) -> BTreeSet<String> {
     let mut state = BTreeSet::new();
     for (what, columns) in [
         ("queues", "name"),
@@ -268,15 +268,9 @@ async fn rabbit_state(vhost: &str) -> BTreeSet<String> {
             "source,destination,destination_type,routing_key",
         ),
     ] {
-        let rows: Vec<serde_json::Value> = http()
-            .get(format!(
-                "{}/api/{what}/{vhost}?columns={columns}",
-                management_base()
-            ))
-            .basic_auth("guest", Some("guest"))
-            .send()
+        let rows: Vec<serde_json::Value> = vhost
+            .management(reqwest::Method::GET, what, &format!("?columns={columns}"))
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -302,7 +296,7 @@ async fn the_scaler_leaves_nothing_on_rabbitmq() {
         "celery inspect's reply queue gone",
         Duration::from_secs(30),
         || async {
-            let s = rabbit_state(&vhost.name).await;
+            let s = rabbit_state(&vhost).await;
             (!s.iter().any(|r| r.contains(".reply.celery.pidbox\""))).then_some(s)
         },
     )
@@ -316,7 +310,7 @@ async fn the_scaler_leaves_nothing_on_rabbitmq() {
     for kill in [false, true] {
         let scaler = ScalerProcess::spawn(&window, &[], &[]).await;
         exercise(&scaler, &m).await;
-        let during = rabbit_state(&vhost.name).await;
+        let during = rabbit_state(&vhost).await;
         assert!(
             during.iter().any(|r| r.contains(OWN)),
             "the census uses its own reply queue: {during:?}"
@@ -331,7 +325,7 @@ async fn the_scaler_leaves_nothing_on_rabbitmq() {
         wait_for(
             &format!("the vhost as before (kill: {kill})"),
             Duration::from_secs(15),
-            || async { (rabbit_state(&vhost.name).await == before).then_some(()) },
+            || async { (rabbit_state(&vhost).await == before).then_some(()) },
         )
         .await;
     }

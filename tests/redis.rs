@@ -461,6 +461,15 @@ async fn depth_is_published_minus_finished_with_acks_late() {
     cleanup_redis(&url, "", &[&q]).await;
 }
 
+/// Every key of a (test-owned) Redis database.
+async fn all_keys(url: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut raw_redis(url).await)
+        .await
+        .unwrap()
+}
+
 /// A census with a separator the workers do not use would break every worker's replies: the
 /// separator is learned from the workers' own mailbox bindings, a trigger with another one is
 /// refused with an error naming `separator`, and nothing is written.
@@ -482,22 +491,20 @@ async fn census_refuses_a_separator_the_workers_do_not_use() {
     let err = depth(&mut client, &m).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("`separator`"), "{}", err.message());
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(keys, ["_kombu.binding.celery.pidbox"], "nothing was added");
+    assert_eq!(
+        all_keys(&url).await,
+        ["_kombu.binding.celery.pidbox"],
+        "nothing was added"
+    );
     // The default separator works (and its census leaves nothing), and without running-task
     // counting no census is made.
     let ok = meta(&[("brokerUrl", &url), ("queues", "q")]);
     assert_eq!(depth(&mut client, &ok).await.unwrap(), 0);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(keys, ["_kombu.binding.celery.pidbox"], "nothing was left");
+    assert_eq!(
+        all_keys(&url).await,
+        ["_kombu.binding.celery.pidbox"],
+        "nothing was left"
+    );
     let off = meta(&[
         ("brokerUrl", &url),
         ("queues", "q"),

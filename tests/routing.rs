@@ -163,17 +163,7 @@ async fn rabbitmq_fanout_and_unresolvable_routes() {
     assert_eq!(conf.publish(&hq, &args), 1);
     let worker = conf.worker(&[&fa, &hq], 3);
     wait_started(&marker, 3).await;
-    let r = http()
-        .delete(format!(
-            "{}/api/bindings/{}/e/{gone}/q/{hq}/k",
-            management_base(),
-            vhost.name
-        ))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "unbind: {}", r.status());
+    vhost.unbind(&gone, &hq, "k").await;
     let scaler = Scaler::start_with(Default::default(), ServeSettingsExt::no_window()).await;
     let bound = Duration::from_secs(30);
     expect_depth(&scaler, &counting(&url, &hq, true, true), 0, bound).await;

@@ -1208,19 +1208,40 @@ impl Drop for ScalerProcess {
 // ---------------------------------------------------------------- RabbitMQ management helpers
 
 impl Vhost {
-    /// Drops every message of `queue` (management API `DELETE .../contents`).
-    pub async fn purge(&self, queue: &str) {
-        let r = http()
-            .delete(format!(
-                "{}/api/queues/{}/{queue}/contents",
-                management_base(),
-                self.name
-            ))
+    /// `method` on the management API's `/api/<what>/<vhost><rest>`, as guest.
+    pub async fn management(
+        &self,
+        method: reqwest::Method,
+        what: &str,
+        rest: &str,
+    ) -> reqwest::Response {
+        http()
+            .request(
+                method,
+                format!("{}/api/{what}/{}{rest}", management_base(), self.name),
+            )
             .basic_auth("guest", Some("guest"))
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Drops every message of `queue` (management API `DELETE .../contents`).
+    pub async fn purge(&self, queue: &str) {
+        let path = format!("/{queue}/contents");
+        let r = self
+            .management(reqwest::Method::DELETE, "queues", &path)
+            .await;
         assert!(r.status().is_success(), "purge {queue}: {}", r.status());
+    }
+
+    /// Removes the binding of `queue` to `exchange` by `key` (no arguments).
+    pub async fn unbind(&self, exchange: &str, queue: &str, key: &str) {
+        let path = format!("/e/{exchange}/q/{queue}/{key}");
+        let r = self
+            .management(reqwest::Method::DELETE, "bindings", &path)
+            .await;
+        assert!(r.status().is_success(), "unbind {queue}: {}", r.status());
     }
 
     /// Creates RabbitMQ user `user` with `password` and `tags` (e.g. `monitoring`), with full
