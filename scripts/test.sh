@@ -6,6 +6,9 @@
 #   scripts/test.sh                  everything
 #   scripts/test.sh redis            arguments are passed to `cargo test --all-targets`
 #   CKS_SKIP_CHECKS=1 scripts/test.sh    skip `cargo fmt --check`, clippy and the manifest checks
+#   CKS_E2E=only scripts/test.sh     only the KEDA end-to-end suite (e2e/scripts/run.sh)
+#   CKS_E2E=0 scripts/test.sh        everything but the KEDA end-to-end suite (it also does not run
+#                                    when cargo test arguments are given, unless CKS_E2E=1)
 #   eval "$(CKS_ENV_ONLY=1 scripts/test.sh)"
 #                                    only prepare the environment and print `export`
 #                                    lines for it (moto keeps running in the background)
@@ -331,6 +334,24 @@ fi
 
 # --- 6. Checks and tests -----------------------------------------------------------------
 
+E2E="${CKS_E2E:-}"
+if [ -z "$E2E" ]; then
+    # Arguments select cargo tests: then only those run, unless CKS_E2E=1 asks for the KEDA suite too.
+    if [ $# -eq 0 ]; then E2E=1; else E2E=0; fi
+fi
+case "$E2E" in
+    0 | 1) ;;
+    only)
+        log "CKS_E2E=only: the KEDA end-to-end suite alone (e2e/scripts/run.sh)"
+        bash e2e/scripts/run.sh
+        exit
+        ;;
+    *) die "CKS_E2E must be 0, 1 or only (got '$E2E')" ;;
+esac
+if [ "$E2E" = 1 ]; then
+    command -v go >/dev/null 2>&1 || die "go is not installed: the KEDA end-to-end suite builds Kubernetes and KEDA from the Go module proxy (Go >= 1.26); CKS_E2E=0 skips it"
+fi
+
 if [ "$SKIP_CHECKS" != 1 ]; then
     log "cargo fmt --check"
     cargo fmt --check
@@ -349,3 +370,11 @@ if [ "$SKIP_CHECKS" != 1 ]; then
 fi
 log "cargo test --all-targets${*:+ $*}"
 cargo test --all-targets "$@"
+
+if [ "$E2E" = 1 ]; then
+    log "KEDA end-to-end suite (e2e/scripts/run.sh)"
+    bash e2e/scripts/run.sh
+else
+    log "KEDA end-to-end suite skipped (CKS_E2E=0, or cargo test arguments given)"
+fi
+log "test command finished in $((SECONDS - START_SECONDS))s"

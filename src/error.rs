@@ -6,6 +6,8 @@
 
 use tonic::{Code, Status};
 
+use crate::tenancy::Refusal;
+
 /// What can go wrong while answering an RPC.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -30,6 +32,10 @@ pub enum Error {
     /// The broker answered something the scaler cannot interpret.
     #[error("{0}")]
     Internal(String),
+    /// The scaler's tenancy settings refuse the trigger (decided before any connection). The
+    /// message names the key, host or broker and the namespace, never a secret.
+    #[error("{message}")]
+    Refused { reason: Refusal, message: String },
 }
 
 impl Error {
@@ -52,6 +58,7 @@ impl Error {
             Error::Unauthenticated(_) => "unauthenticated",
             Error::PermissionDenied(_) => "permission_denied",
             Error::Internal(_) => "internal",
+            Error::Refused { .. } => "refused",
         }
     }
 
@@ -65,6 +72,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Internal(_) => Code::Internal,
+            Error::Refused { .. } => Code::PermissionDenied,
         }
     }
 }
@@ -122,6 +130,13 @@ mod tests {
             (Error::Unauthenticated("x".into()), Code::Unauthenticated),
             (Error::PermissionDenied("x".into()), Code::PermissionDenied),
             (Error::Internal("x".into()), Code::Internal),
+            (
+                Error::Refused {
+                    reason: Refusal::Host,
+                    message: "x".into(),
+                },
+                Code::PermissionDenied,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

@@ -37,8 +37,19 @@ impl Service {
         }
     }
 
+    /// The trigger without any I/O (for `GetMetricSpec`).
     fn trigger(&self, r: &ScaledObjectRef) -> Result<Trigger, Status> {
-        self.core.trigger(&r.scaler_metadata).map_err(Status::from)
+        self.core
+            .trigger(&r.scaler_metadata, &r.namespace)
+            .map_err(Status::from)
+    }
+
+    /// The trigger with every host checked and pinned, ready for readings.
+    async fn admit(&self, r: &ScaledObjectRef) -> Result<Trigger, Status> {
+        self.core
+            .admit(&r.scaler_metadata, &r.namespace)
+            .await
+            .map_err(Status::from)
     }
 
     async fn depth(&self, trigger: &Trigger) -> Result<u64, Status> {
@@ -63,6 +74,25 @@ impl Service {
 type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
 type SpecStream = Pin<Box<dyn Stream<Item = Result<GetMetricSpecResponse, Status>> + Send>>;
 
+/// After an inactive -> active transition, `true` is pushed again after each of these delays
+/// (while the queues stay active): KEDA drops a push that arrives before the ScaledObject's
+/// `status.externalMetricNames` is written ("will retry on next activation"), which happens to the
+/// first activation of a ScaledObject created or updated a moment before its queue filled. Four
+/// pushes in about 7 s, never a steady stream: each costs KEDA a `/scale` round trip.
+pub const PUSH_REPEATS: [std::time::Duration; 3] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(4),
+];
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Converts a depth to KEDA's integer field without wrapping.
 fn as_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -76,7 +106,7 @@ impl ExternalScaler for Service {
     ) -> Result<Response<IsActiveResponse>, Status> {
         let started = Instant::now();
         let result = async {
-            let trigger = self.trigger(request.get_ref())?;
+            let trigger = self.admit(request.get_ref()).await?;
             let depth = self.depth(&trigger).await?;
             Ok(Response::new(IsActiveResponse {
                 result: trigger.is_active(depth),
@@ -94,7 +124,7 @@ impl ExternalScaler for Service {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let started = Instant::now();
-        let trigger = self.trigger(request.get_ref());
+        let trigger = self.admit(request.get_ref()).await;
         self.record("StreamIsActive", started, &trigger);
         let trigger = trigger?;
         let mut readings = self.hub.watch(&trigger.query);
@@ -104,19 +134,27 @@ impl ExternalScaler for Service {
         metrics.streams().inc();
         tokio::spawn(async move {
             let mut was_active = false;
+            // Repeats of the last activation still due: (when, index into PUSH_REPEATS).
+            let mut repeat: Option<(tokio::time::Instant, usize)> = None;
             loop {
                 // The current reading first (a shared poll may already have one), then changes.
                 let reading = readings.borrow_and_update().clone();
                 if let Some(Ok(depth)) = reading {
                     let active = trigger.is_active(depth);
-                    if active
-                        && !was_active
-                        && tx
+                    if active && !was_active {
+                        if tx
                             .send(Ok(IsActiveResponse { result: true }))
                             .await
                             .is_err()
-                    {
-                        break;
+                        {
+                            break;
+                        }
+                        repeat = PUSH_REPEATS
+                            .first()
+                            .map(|d| (tokio::time::Instant::now() + *d, 0));
+                    } else if !active {
+                        // The queues went idle: a repeat would wake workers for nothing.
+                        repeat = None;
                     }
                     was_active = active;
                 }
@@ -125,6 +163,15 @@ impl ExternalScaler for Service {
                     changed = readings.changed() => if changed.is_err() { break },
                     _ = tx.closed() => break,
                     _ = shutdown.cancelled() => break,
+                    _ = sleep_until_some(repeat.map(|(at, _)| at)) => {
+                        let i = repeat.map_or(0, |(_, i)| i);
+                        if tx.send(Ok(IsActiveResponse { result: true })).await.is_err() {
+                            break;
+                        }
+                        repeat = PUSH_REPEATS
+                            .get(i + 1)
+                            .map(|d| (tokio::time::Instant::now() + *d, i + 1));
+                    }
                 }
             }
             metrics.streams().dec();
@@ -159,7 +206,9 @@ impl ExternalScaler for Service {
         let result = async {
             let req = request.get_ref();
             let empty = ScaledObjectRef::default();
-            let trigger = self.trigger(req.scaled_object_ref.as_ref().unwrap_or(&empty))?;
+            let trigger = self
+                .admit(req.scaled_object_ref.as_ref().unwrap_or(&empty))
+                .await?;
             let depth = self.depth(&trigger).await?;
             Ok(Response::new(GetMetricsResponse {
                 metric_values: vec![MetricValue {

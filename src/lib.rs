@@ -17,6 +17,8 @@
 //! - [`probe`]: the `probe` command's reading and rendering.
 //! - [`error`]: the semantic error type and its one mapping to gRPC codes.
 //! - [`secret`]: credential wrapper and URL redaction.
+//! - [`tenancy`]: named brokers per namespace, the broker host allowlist, inline URLs off, the
+//!   scaler's AWS identity only where allowed.
 //! - [`tls`]: TLS / mTLS on the gRPC port, with certificate files reloaded when they change.
 pub mod admin;
 pub mod broker;
@@ -33,6 +35,7 @@ pub mod scaler;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tenancy;
 pub mod tls;
 
 /// Code generated from `proto/externalscaler.proto`.

@@ -14,6 +14,7 @@ use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
 use celery_keda_scaler::server::{serve, ServeSettings};
 use celery_keda_scaler::telemetry::{self, LogFormat};
+use celery_keda_scaler::tenancy::{HostAllowlist, Tenancy};
 use celery_keda_scaler::tls::{Reloader, TlsSettings};
 use celery_keda_scaler::{install_crypto_provider, probe};
 
@@ -46,6 +47,29 @@ struct Common {
     /// Upper bound on one broker reading (connection included).
     #[arg(long, env = "CELERY_KEDA_DEADLINE", value_parser = parse_duration, default_value = "2500ms")]
     deadline: Duration,
+    /// Hosts triggers may make the scaler contact (brokerUrl, brokerUrlFromEnv, Sentinel nodes,
+    /// managementUrl, awsEndpoint): host names, *.suffix globs, host:port, addresses and
+    /// address ranges (10.0.0.0/8, fd00::/8), separated by commas. Named and default brokers
+    /// are exempt. Unset: every host.
+    #[arg(long, env = "CELERY_KEDA_ALLOWED_BROKER_HOSTS", value_parser = parse_allowlist)]
+    allowed_broker_hosts: Option<HostAllowlist>,
+    /// Refuse brokerUrl and brokerUrlFromEnv: only named brokers (and the default broker).
+    #[arg(long, env = "CELERY_KEDA_NAMED_BROKERS_ONLY")]
+    named_brokers_only: bool,
+    /// Let inline sqs:// URLs without keys use the scaler's own AWS identity (named brokers
+    /// always may).
+    #[arg(long, env = "CELERY_KEDA_INLINE_SQS_AMBIENT_IDENTITY")]
+    inline_sqs_ambient_identity: bool,
+}
+
+impl Common {
+    fn tenancy(&self) -> Tenancy {
+        Tenancy {
+            allowed_hosts: self.allowed_broker_hosts.clone(),
+            named_brokers_only: self.named_brokers_only,
+            inline_sqs_ambient_identity: self.inline_sqs_ambient_identity,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -119,6 +143,10 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct ProbeArgs {
+    /// The namespace of the ScaledObject to check as (named brokers per namespace); also
+    /// accepted among the metadata as namespace=NAME.
+    #[arg(long)]
+    namespace: Option<String>,
     /// Trigger metadata as key=value or --key value, e.g. brokerUrl=redis://host:6379/0 queues=celery
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     metadata: Vec<String>,
@@ -133,6 +161,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be greater than zero"));
     }
     Ok(d)
+}
+
+fn parse_allowlist(s: &str) -> Result<HostAllowlist, String> {
+    s.parse()
 }
 
 fn parse_window(s: &str) -> Result<Duration, String> {
@@ -251,6 +283,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         },
         max_request_bytes: args.max_request_bytes as usize,
         max_queue_series: args.max_queue_series as usize,
+        tenancy: args.common.tenancy(),
     };
     match serve(grpc, Some(admin), env, settings, shutdown_signal()).await {
         Ok(()) => {
@@ -290,19 +323,28 @@ async fn shutdown_signal() {
 async fn run_probe(args: ProbeArgs, env: BrokerEnv) -> ExitCode {
     // The error is printed below; logs only when asked for with RUST_LOG.
     telemetry::init(args.common.log_format, "off");
-    let meta = match probe::parse_args(&args.metadata) {
+    let mut meta = match probe::parse_args(&args.metadata) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    // `--namespace` after the first metadata argument arrives among the metadata.
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| meta.remove("namespace"))
+        .unwrap_or_default();
     let core = Core::new(
         env,
-        CoreSettings::with_deadline(args.common.deadline),
+        CoreSettings {
+            tenancy: args.common.tenancy(),
+            ..CoreSettings::with_deadline(args.common.deadline)
+        },
         Arc::new(Metrics::new()),
     );
-    match probe::run(&core, &meta).await {
+    match probe::run(&core, &meta, &namespace).await {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -310,7 +352,12 @@ async fn run_probe(args: ProbeArgs, env: BrokerEnv) -> ExitCode {
         Err(e) => {
             let status = tonic::Status::from(e.clone());
             eprintln!("error: {:?}: {}", status.code(), status.message());
-            if matches!(e, celery_keda_scaler::error::Error::InvalidMetadata { .. }) {
+            // Bad metadata and a refusal by the tenancy settings: the trigger itself must change.
+            if matches!(
+                e,
+                celery_keda_scaler::error::Error::InvalidMetadata { .. }
+                    | celery_keda_scaler::error::Error::Refused { .. }
+            ) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

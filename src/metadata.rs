@@ -9,6 +9,7 @@ use crate::broker::sqs;
 use crate::broker::{BrokerTarget, DepthQuery, Layout};
 use crate::error::{Error, Result};
 use crate::secret::shown;
+use crate::tenancy::{NamespaceList, Unresolved, NAMESPACES_PREFIX};
 
 /// Every metadata key this scaler reads (others, like KEDA's `scalerAddress`, are ignored).
 pub const KEYS: &[&str] = &[
@@ -83,6 +84,9 @@ pub struct BrokerEnv {
     pub named: BTreeMap<String, BrokerTarget>,
     /// `CELERY_BROKER_URL`: used when a trigger names no broker at all.
     pub default: Option<BrokerTarget>,
+    /// `CELERY_KEDA_NAMESPACES_<NAME>=team-a,team-b-*`: the namespaces that may use a named
+    /// broker, keyed like `named`. A broker without a list is open to every namespace.
+    pub namespaces: BTreeMap<String, NamespaceList>,
 }
 
 /// Environment variable prefix of named brokers.
@@ -95,8 +99,17 @@ impl BrokerEnv {
     /// URL. An error names the variable (never its value's password).
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let mut env = BrokerEnv::default();
+        let mut lists = Vec::new();
         for (name, value) in vars {
-            if let Some(suffix) = name.strip_prefix(NAMED_BROKER_PREFIX) {
+            if let Some(suffix) = name.strip_prefix(NAMESPACES_PREFIX) {
+                if !suffix.is_empty() {
+                    lists.push((
+                        normalise_name(suffix),
+                        NamespaceList::parse(&name, &value)?,
+                        name,
+                    ));
+                }
+            } else if let Some(suffix) = name.strip_prefix(NAMED_BROKER_PREFIX) {
                 if suffix.is_empty() {
                     continue;
                 }
@@ -105,6 +118,19 @@ impl BrokerEnv {
             } else if name == DEFAULT_BROKER_VAR && !value.trim().is_empty() {
                 env.default = Some(BrokerTarget::parse(&name, &value)?);
             }
+        }
+        // A list for a broker that does not exist is a typo that would leave the broker open.
+        for (broker, list, var) in lists {
+            if !env.named.contains_key(&broker) {
+                return Err(Error::invalid(
+                    var,
+                    format!(
+                        "names broker `{broker}`, but no {NAMED_BROKER_PREFIX}{} is configured",
+                        broker.to_ascii_uppercase().replace('-', "_")
+                    ),
+                ));
+            }
+            env.namespaces.insert(broker, list);
         }
         Ok(env)
     }
@@ -122,6 +148,11 @@ pub struct Trigger {
     pub query: DepthQuery,
     /// Which metadata key (or environment variable) the broker came from.
     pub broker_source: String,
+    /// The named broker's normalised name, when the broker came from `broker`.
+    pub broker_name: Option<String>,
+    /// Hosts admitted only by an address range of the host allowlist: resolved, checked and
+    /// replaced by the checked address before any reading (`Core::admit`); empty otherwise.
+    pub unresolved: Vec<Unresolved>,
     /// `queueLength`: target tasks per replica.
     pub queue_length: f64,
     /// `activationQueueLength`: active when depth is strictly greater.
@@ -151,6 +182,7 @@ pub fn parse_with(
     check_limits(meta, limits)?;
     let get = |key: &str| meta.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
 
+    let mut broker_name = None;
     let (broker_source, target) = if let Some(url) = get("brokerUrl") {
         (
             "brokerUrl".to_string(),
@@ -174,6 +206,7 @@ pub fn parse_with(
                 ),
             )
         })?;
+        broker_name = Some(normalise_name(name));
         ("broker".to_string(), target)
     } else if let Some(target) = &env.default {
         (DEFAULT_BROKER_VAR.to_string(), target.clone())
@@ -257,6 +290,8 @@ pub fn parse_with(
             layout,
         },
         broker_source,
+        broker_name,
+        unresolved: Vec::new(),
         queue_length,
         activation_queue_length,
         metric_name,

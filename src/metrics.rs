@@ -35,6 +35,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabels {
     broker: &'static str,
     queue: String,
@@ -56,6 +61,7 @@ pub struct Metrics {
     census_unresolved: Family<BrokerLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
     tls_handshake_failures: Counter,
+    refusals: Family<ReasonLabels, Counter>,
     /// The (broker, queue) pairs exported in `queue_depth`, at most `max_queue_series`.
     queue_series: Mutex<std::collections::HashSet<(&'static str, String)>>,
     max_queue_series: usize,
@@ -100,6 +106,18 @@ impl Metrics {
         let tls_reloads = Family::<ResultLabels, Counter>::default();
         let tls_handshake_failures = Counter::default();
         let queue_series_dropped = Counter::default();
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        // Every reason starts at zero, so an alert can watch the series before the first refusal.
+        for reason in crate::tenancy::Refusal::ALL {
+            let _ = refusals.get_or_create(&ReasonLabels {
+                reason: reason.label(),
+            });
+        }
+        registry.register(
+            "refusals",
+            "Triggers refused by the tenancy settings before any connection, by reason (namespace, inline_url, host, address, ambient_identity)",
+            refusals.clone(),
+        );
         registry.register(
             "queue_series_dropped",
             "Queue readings not exported in queue_depth because --max-queue-series was reached",
@@ -175,6 +193,7 @@ impl Metrics {
             census_unresolved,
             tls_reloads,
             tls_handshake_failures,
+            refusals,
             queue_series: Mutex::new(Default::default()),
             max_queue_series,
             queue_series_dropped,
@@ -263,6 +282,15 @@ impl Metrics {
         }
         series.insert(key);
         true
+    }
+
+    /// Counts one trigger refused by the tenancy settings.
+    pub fn refusal(&self, reason: crate::tenancy::Refusal) {
+        self.refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     /// Counts one failed broker reading.

@@ -34,9 +34,14 @@ pub fn parse_args(args: &[String]) -> Result<HashMap<String, String>, String> {
     Ok(meta)
 }
 
-/// Runs one reading and renders it. `Err` carries the text the RPC would return as its status.
-pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, Error> {
-    let trigger = core.trigger(meta)?;
+/// Runs one reading for a trigger from `namespace` (the tenancy settings apply as in the RPCs)
+/// and renders it. `Err` carries the text the RPC would return as its status.
+pub async fn run(
+    core: &Core,
+    meta: &HashMap<String, String>,
+    namespace: &str,
+) -> Result<String, Error> {
+    let trigger = core.admit(meta, namespace).await?;
     let depth = core.read(&trigger.query).await;
     // The process exits next: no census may be left half done on the broker.
     core.stop_censuses().await;
@@ -50,6 +55,9 @@ pub async fn run(core: &Core, meta: &HashMap<String, String>) -> Result<String, 
         q.target.redacted(),
         trigger.broker_source
     );
+    if !namespace.is_empty() {
+        let _ = writeln!(out, "namespace    {namespace} (tenancy settings applied)");
+    }
     let _ = writeln!(
         out,
         "metric       {} (queueLength {}, active when depth > {})",

@@ -10,6 +10,7 @@ use crate::census::{CensusSettings, Censuses};
 use crate::error::{Error, Result};
 use crate::metadata::{self, BrokerEnv, Trigger};
 use crate::metrics::Metrics;
+use crate::tenancy::Tenancy;
 
 /// Settings of the core.
 #[derive(Clone, Debug)]
@@ -23,6 +24,8 @@ pub struct CoreSettings {
     pub census: CensusSettings,
     /// Bounds on trigger metadata.
     pub limits: metadata::Limits,
+    /// Named brokers per namespace, host allowlist, inline URLs, the scaler's AWS identity.
+    pub tenancy: Tenancy,
 }
 
 impl CoreSettings {
@@ -33,6 +36,7 @@ impl CoreSettings {
             result_window: DEFAULT_RESULT_WINDOW,
             census: CensusSettings::for_deadline(deadline),
             limits: metadata::Limits::default(),
+            tenancy: Tenancy::default(),
         }
     }
 }
@@ -49,6 +53,7 @@ const MAX_CACHED_QUERIES: u64 = 100_000;
 pub struct Core {
     env: BrokerEnv,
     limits: metadata::Limits,
+    tenancy: Tenancy,
     registry: Registry,
     deadline: Duration,
     metrics: Arc<Metrics>,
@@ -64,6 +69,7 @@ impl Core {
         Core {
             env,
             limits: settings.limits,
+            tenancy: settings.tenancy,
             registry: Registry::new(ClientSettings {
                 timeout: settings.deadline,
             }),
@@ -77,9 +83,45 @@ impl Core {
         }
     }
 
-    /// Validates metadata (no broker I/O).
-    pub fn trigger(&self, meta: &HashMap<String, String>) -> Result<Trigger> {
-        metadata::parse_with(meta, &self.env, &self.limits)
+    /// Validates metadata and applies the tenancy settings for a trigger from `namespace`: no
+    /// I/O at all (no broker, no DNS), so `GetMetricSpec` can answer during any outage. A host
+    /// that only an address range admits is left in `Trigger::unresolved` for [`Core::admit`].
+    pub fn trigger(&self, meta: &HashMap<String, String>, namespace: &str) -> Result<Trigger> {
+        let result = self.tenancy.check_inline(meta, namespace).and_then(|()| {
+            let mut trigger = metadata::parse_with(meta, &self.env, &self.limits)?;
+            trigger.unresolved = self.tenancy.admit(&trigger, meta, namespace, &self.env)?;
+            Ok(trigger)
+        });
+        self.count_refusal(result)
+    }
+
+    /// [`Core::trigger`], then the hosts that only an address range admits are resolved within
+    /// the deadline, checked, and replaced by the checked address: what every reading uses.
+    pub async fn admit(&self, meta: &HashMap<String, String>, namespace: &str) -> Result<Trigger> {
+        let mut trigger = self.trigger(meta, namespace)?;
+        if trigger.unresolved.is_empty() {
+            return Ok(trigger);
+        }
+        let result = self
+            .tenancy
+            .resolve(&mut trigger, namespace, self.deadline)
+            .await
+            .map(|()| trigger);
+        self.count_refusal(result)
+    }
+
+    fn count_refusal<T>(&self, result: Result<T>) -> Result<T> {
+        // Not logged with its message: that quotes metadata values (hosts), which logs never do.
+        if let Err(Error::Refused { reason, .. }) = &result {
+            self.metrics.refusal(*reason);
+            tracing::debug!(reason = reason.label(), "Trigger refused");
+        }
+        result
+    }
+
+    /// The tenancy settings this core applies.
+    pub fn tenancy(&self) -> &Tenancy {
+        &self.tenancy
     }
 
     /// The metrics this core records into.

@@ -80,19 +80,53 @@ pub fn redact_urls(text: &str) -> String {
 /// How a broker URL given by a user (one URL, or a `;`-joined list) is quoted in an error.
 ///
 /// Unlike [`redact_urls`], which must find URLs inside free text, this knows the whole input is
-/// the URL, so it can be strict: everything between the first `://` and the last `@` is replaced
-/// by `***`. A password may hold any character, unencoded `;`, `/`, `@` or quotes included, and
-/// none of it can survive; the host (of the last URL of a list) stays, which is what a person
-/// needs to recognise the broker.
+/// the URL, so it can be strict: everything before the last `@` is replaced by `***`, except a
+/// leading scheme with its `:` and the slashes after it. A password may hold any character,
+/// unencoded `;`, `/`, `\`, `@` or quotes included, and none of it can survive; the host (of the
+/// last URL of a list) stays, which is what a person needs to recognise the broker.
+///
+/// The scheme is found without requiring `://`: WHATWG parsers (the `url` crate) read
+/// `http:\\u:pw@h`, `http:/u:pw@h` and `http:u:pw@h` as `http://u:pw@h`, so the user info may
+/// follow any spelling of the separator, or none.
 pub fn redact_url(raw: &str) -> String {
-    let Some(pos) = raw.find("://") else {
-        return redact_urls(raw);
-    };
-    let (head, tail) = raw.split_at(pos + 3);
-    match tail.rfind('@') {
-        Some(at) => format!("{head}***{}", &tail[at..]),
+    match raw.rfind('@') {
+        // `scheme_prefix` stops at the first `@`, so it never reaches past `at`.
+        Some(at) => format!("{}***{}", &raw[..scheme_prefix(raw)], &raw[at..]),
+        // No `@`, no user info: a URL parser finds no credentials either.
         None => redact_urls(raw),
     }
+}
+
+/// The length of the part of a user-given URL that cannot hold a credential: leading blanks and
+/// control characters (which URL parsers strip), then, when present, a scheme, its `:` and the
+/// slashes, backslashes, tabs and newlines after it. 0 when `raw` does not start with a scheme.
+fn scheme_prefix(raw: &str) -> usize {
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() && b[i] <= b' ' {
+        i += 1;
+    }
+    if i == b.len() || !b[i].is_ascii_alphabetic() {
+        return 0;
+    }
+    while i < b.len() && (b[i].is_ascii_alphanumeric() || matches!(b[i], b'+' | b'-' | b'.')) {
+        i += 1;
+    }
+    if i == b.len() || b[i] != b':' {
+        return 0;
+    }
+    i += 1;
+    while i < b.len() && matches!(b[i], b'/' | b'\\' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
+/// Whether a metadata value may hold a URL with credentials: it has `://`, or the shape of user
+/// info, a `:` before an `@` (`http:u:pw@h` is a URL with a password to a WHATWG parser, and
+/// `u:pw@h` or `:\\:pw@h` one with a mangled or missing scheme).
+fn looks_like_url(value: &str) -> bool {
+    value.contains("://") || value.rfind('@').is_some_and(|at| value[..at].contains(':'))
 }
 
 /// How any metadata value is quoted in an error: a value that holds a URL is redacted as a user
@@ -100,7 +134,7 @@ pub fn redact_url(raw: &str) -> String {
 /// to 120 characters.
 pub fn shown(value: &str) -> String {
     const MAX: usize = 120;
-    let mut out = if value.contains("://") {
+    let mut out = if looks_like_url(value) {
         redact_url(value)
     } else {
         value.to_string()
@@ -115,6 +149,27 @@ pub fn shown(value: &str) -> String {
     }
     out
 }
+
+/// The first character of a user-given URL that a WHATWG parser (the `url` crate) reads unlike a
+/// person or Python's `urllib`: `\` (a `/` in http(s) URLs, so it ends the user info and moves
+/// a password into the path) and control characters (tabs and newlines are dropped). URLs that
+/// are used as given (`managementUrl`, `awsEndpoint`) are refused with one; `raw` is trimmed.
+pub fn misread_char(raw: &str) -> Option<char> {
+    raw.trim().chars().find(|c| *c == '\\' || c.is_control())
+}
+
+/// Whether a parsed user-given URL has an `@` after its host (in the path, query or fragment).
+/// Parsers end the user info at the first `/`, `?` or `#` (and `\` in http(s) URLs) and take
+/// the host after the last `@` before it, so such an `@` means a user name or password held one
+/// of those unencoded (or the host was left out, as in `amqp:///u:pw@h`): the rest of the
+/// password is now a path, vhost, query or fragment, shown and sent as one. Refused; a real `@`
+/// there can be written `%40`.
+pub fn at_after_host(url: &url::Url) -> bool {
+    url[url::Position::BeforePath..].contains('@')
+}
+
+/// What a refusal by [`at_after_host`] says.
+pub const AT_AFTER_HOST: &str = "an `@` after the host: percent-encode `/`, `?`, `#` and `\\` in the user name and password (%2F, %3F, %23, %5C), and an `@` in a path as %40";
 
 /// Redacts URL passwords in `text` (see [`redact_urls`]) and every occurrence of `secret`: for
 /// error text from client libraries, which may quote a credential outside a URL.
@@ -149,7 +204,43 @@ mod tests {
     }
 
     #[test]
+    fn a_user_url_loses_its_user_info_however_the_separator_is_spelled() {
+        // WHATWG parsers read all of these as `http://u:pw@h` (or, with `\` inside the user
+        // info, move the password into the path): nothing before the last `@` but the scheme.
+        for (raw, want) in [
+            (r"http://=\;:PwSecret1@localhost", "http://***@localhost"),
+            (r"http:\\u:PwSecret1@h", r"http:\\***@h"),
+            (r"http:/\u:PwSecret1@h", r"http:/\***@h"),
+            ("http:u:PwSecret1@h", "http:***@h"),
+            ("http:///u:PwSecret1@h", "http:///***@h"),
+            ("amqp:u:PwSecret1@h", "amqp:***@h"),
+            ("\thttp://u:PwSecret1@h", "\thttp://***@h"),
+            ("ht\ttp://u:PwSecret1@h", "***@h"),
+            ("u:PwSecret1@h", "u:***@h"),
+            (":PwSecret1@h", "***@h"),
+            ("http://u:a/PwSecret1@b@h/x", "http://***@h/x"),
+            ("http://u:PwSecret1%40@h", "http://***@h"),
+        ] {
+            assert_eq!(redact_url(raw), want, "{raw:?}");
+        }
+        assert_eq!(redact_url("http:h:1/p%40q"), "http:h:1/p%40q");
+    }
+
+    #[test]
+    fn misread_characters_are_found() {
+        assert_eq!(misread_char(r"http://=\;:pw@localhost"), Some('\\'));
+        assert_eq!(misread_char("http://u:p\tw@h"), Some('\t'));
+        assert_eq!(misread_char("http://h\n.example"), Some('\n'));
+        assert_eq!(misread_char(" http://u:p%5Cw@h/ \n"), None);
+    }
+
+    #[test]
     fn shown_values_are_redacted_and_short() {
+        assert_eq!(shown(r"http:\\u:PwSecret1@h"), r"http:\\***@h");
+        assert_eq!(shown("http:u:PwSecret1@h"), "http:***@h");
+        assert_eq!(shown("celery@worker1"), "celery@worker1");
+        assert_eq!(shown(r":\\:PwSecret1@h"), "***@h");
+        assert_eq!(shown("u:PwSecret1@h"), "u:***@h");
         assert_eq!(shown("amqp://u:p;w@h"), "amqp://***@h");
         assert_eq!(shown("10"), "10");
         assert_eq!(shown(&"x".repeat(500)).len(), 123);

@@ -20,6 +20,7 @@ use crate::metadata::{BrokerEnv, Limits};
 use crate::metrics::Metrics;
 use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Core, CoreSettings};
+use crate::tenancy::Tenancy;
 use crate::tls::{self, Reloader};
 
 /// Everything `serve` needs, validated before anything binds.
@@ -50,6 +51,8 @@ pub struct ServeSettings {
     pub max_request_bytes: usize,
     /// Most `celery_keda_queue_depth` series (broker, queue) exported; later queues are not.
     pub max_queue_series: usize,
+    /// Named brokers per namespace, host allowlist, inline URLs, the scaler's AWS identity.
+    pub tenancy: Tenancy,
 }
 
 impl Default for ServeSettings {
@@ -67,6 +70,7 @@ impl Default for ServeSettings {
             limits: Limits::default(),
             max_request_bytes: 1024 * 1024,
             max_queue_series: 1000,
+            tenancy: Tenancy::default(),
         }
     }
 }
@@ -98,6 +102,15 @@ pub async fn serve(
     let tls_reloader = settings.tls.clone();
     let metrics = Arc::new(Metrics::with_max_queue_series(settings.max_queue_series));
     let tls_metrics = metrics.clone();
+    // One line at start-up saying which tenancy protections are on.
+    tracing::info!(
+        host_allowlist = settings.tenancy.allowed_hosts.is_some(),
+        named_brokers_only = settings.tenancy.named_brokers_only,
+        inline_sqs_ambient_identity = settings.tenancy.inline_sqs_ambient_identity,
+        restricted_brokers = env.namespaces.len(),
+        protections = %settings.tenancy.describe(&env),
+        "Tenancy protections"
+    );
     let core = Arc::new(Core::new(
         env,
         CoreSettings {
@@ -109,6 +122,7 @@ pub async fn serve(
                 deadline: settings.deadline,
             },
             limits: settings.limits,
+            tenancy: settings.tenancy,
         },
         metrics.clone(),
     ));

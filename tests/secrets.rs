@@ -278,6 +278,8 @@ async fn no_secret_of_rabbitmq_sqs_or_tls_shows_in_logs_errors_metrics_or_probe(
         ("AWS_SECRET_ACCESS_KEY", aws_secret),
         ("AWS_SESSION_TOKEN", aws_token),
         ("AWS_REGION", "us-east-1"),
+        // The default-chain cases below use inline `sqs://` without keys.
+        ("CELERY_KEDA_INLINE_SQS_AMBIENT_IDENTITY", "true"),
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ];
     let remove = ["CELERY_BROKER_URL", "CELERY_KEDA_LOG_FORMAT"];

@@ -8,6 +8,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use celery_keda_scaler::grpc::PUSH_REPEATS;
 use celery_keda_scaler::metadata::BrokerEnv;
 use celery_keda_scaler::proto::GetMetricsRequest;
 use celery_keda_scaler::server::ServeSettings;
@@ -255,19 +256,21 @@ async fn one_client_per_distinct_broker() {
     for i in 0..50 {
         let q = format!("{}-{i}", unique("fleet"));
         let t = core
-            .trigger(&meta(&[("brokerUrl", &url), ("queues", &q)]))
+            .trigger(&meta(&[("brokerUrl", &url), ("queues", &q)]), "default")
             .unwrap();
         assert_eq!(core.read(&t.query).await.unwrap().total(), 0);
     }
     assert_eq!(core.broker_clients(), 1);
     let other_db = format!("{}/5", url.trim_end_matches('/'));
-    let t = core.trigger(&meta(&[("brokerUrl", &other_db)])).unwrap();
+    let t = core
+        .trigger(&meta(&[("brokerUrl", &other_db)]), "default")
+        .unwrap();
     core.read(&t.query).await.unwrap();
     assert_eq!(core.broker_clients(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_pushes_true_on_activation_once() {
+async fn stream_pushes_true_on_activation_then_a_bounded_number_of_repeats() {
     let url = redis_url();
     let q = unique("push");
     let conf = CeleryConf::new(&url);
@@ -298,9 +301,19 @@ async fn stream_pushes_true_on_activation_once() {
     assert!(msg.result);
     assert!(latency < Duration::from_secs(1), "pushed after {latency:?}");
 
-    // Still active: nothing more is pushed.
+    // Still active: the activation is repeated PUSH_REPEATS.len() times (KEDA drops a push that
+    // arrives before the ScaledObject's metric names are in its status), then nothing more.
     conf.publish(&q, &["--count", "3"]);
-    assert!(tokio::time::timeout(Duration::from_secs(1), stream.next())
+    let all_repeats: Duration = PUSH_REPEATS.iter().sum();
+    for i in 0..PUSH_REPEATS.len() {
+        let repeat = tokio::time::timeout(all_repeats + Duration::from_secs(2), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("repeat {i} of the activation"))
+            .expect("stream open")
+            .expect("no error");
+        assert!(repeat.result);
+    }
+    assert!(tokio::time::timeout(Duration::from_secs(2), stream.next())
         .await
         .is_err());
 

@@ -474,7 +474,7 @@ impl RabbitBroker {
         what: &str,
         (purpose, switch): (&str, &str),
     ) -> Result<serde_json::Value> {
-        let shown = management.base.as_str();
+        let shown = crate::secret::redact_url(management.base.as_str());
         let hint = format!("set managementUrl to the management API (port 15672, plugin rabbitmq_management) or {switch}: \"false\"");
         let resp = self
             .http
@@ -558,7 +558,7 @@ impl RabbitBroker {
         let unreadable = |e: serde_json::Error| {
             Error::Internal(format!(
                 "RabbitMQ management API {}: unreadable exchange or binding list: {e}",
-                management.base
+                crate::secret::redact_url(management.base.as_str())
             ))
         };
         let routes = Arc::new(Routes::new(

@@ -8,7 +8,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::secret::{redact_url, Secret};
+use crate::secret::{at_after_host, misread_char, redact_url, Secret, AT_AFTER_HOST};
 
 /// Default management API port.
 pub const MANAGEMENT_PORT: u16 = 15672;
@@ -54,7 +54,8 @@ impl fmt::Debug for Management {
         write!(
             f,
             "{} (user {})",
-            crate::secret::redact_urls(self.base.as_str()),
+            // The base holds no user info; quoted strictly anyway, as a user-given URL.
+            redact_url(self.base.as_str()),
             self.username
         )
     }
@@ -75,6 +76,9 @@ impl RabbitTarget {
             ));
         }
         let url = Url::parse(raw.trim()).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+        if at_after_host(&url) {
+            return Err(bad(AT_AFTER_HOST));
+        }
         let tls = match url.scheme().to_ascii_lowercase().as_str() {
             "amqp" | "pyamqp" => false,
             "amqps" => true,
@@ -178,6 +182,15 @@ impl Management {
     /// Parses `managementUrl`; credentials missing from it are taken from the AMQP URL.
     pub fn parse(raw: &str, amqp: &RabbitTarget) -> Result<Self> {
         let shown = || redact_url(raw);
+        if misread_char(raw).is_some() {
+            return Err(Error::invalid(
+                "managementUrl",
+                format!(
+                    "holds a backslash or a control character, which URL parsers read as `/` or drop: percent-encode it (`\\` as %5C), got `{}`",
+                    shown()
+                ),
+            ));
+        }
         let mut url = Url::parse(raw.trim()).map_err(|e| {
             Error::invalid(
                 "managementUrl",
@@ -191,6 +204,12 @@ impl Management {
                     "must be an http:// or https:// URL with a host, got `{}`",
                     shown()
                 ),
+            ));
+        }
+        if at_after_host(&url) {
+            return Err(Error::invalid(
+                "managementUrl",
+                format!("has {AT_AFTER_HOST}, got `{}`", shown()),
             ));
         }
         let username = Some(decode(url.username())).filter(|u| !u.is_empty());
@@ -305,6 +324,8 @@ mod tests {
             "amqp://a;amqp://b",
             "amqps://h/?ssl_certfile=/c",
             "amqp://u:secret@h:notaport/",
+            "amqp:///u:secret@h",
+            "amqp://u:1/secret@h/vhost",
         ] {
             let err = RabbitTarget::parse("brokerUrlFromEnv", url).unwrap_err();
             assert!(err.to_string().contains("brokerUrlFromEnv"), "{err}");
@@ -333,5 +354,49 @@ mod tests {
         assert_eq!((m.username.as_str(), m.password.expose()), ("mon", "pw"));
         assert!(Management::parse("ftp://x", &t).is_err());
         assert!(format!("{m:?}").contains("mon") && !format!("{m:?}").contains("pw"));
+    }
+
+    /// WHATWG parsing (the `url` crate) ends an http(s) URL's user info at `\`, `/`, `?` or `#`
+    /// and drops tabs and newlines: a password holding one would move into the path, query or
+    /// fragment, be sent to the wrong host and be shown with the URL. Found by tests/fuzz.rs.
+    #[test]
+    fn management_urls_that_move_a_password_out_of_the_user_info_are_refused() {
+        let t = parse("amqp://");
+        for raw in [
+            r"http://=\;:PwaAA0aA0A@localhost",
+            r"http://u\:PwaAA0aA0A@localhost",
+            r"HTTPS://u\:PwaAA0aA0A@localhost:15672/",
+            r"http://localhost\:PwaAA0aA0A@localhost",
+            r"http:\\ops:PwaAA0aA0A@localhost",
+            "http://u:12/PwaAA0aA0A@localhost",
+            "http://u:12/x@PwaAA0aA0A@localhost",
+            "http://u?:PwaAA0aA0A@localhost",
+            "http://u#:PwaAA0aA0A@localhost",
+            "http://localhost/api?:PwaAA0aA0A@localhost",
+            "http://u:Pwa\tAA0aA0A@localhost",
+            "http://u:Pwa\nAA0aA0A@localhost",
+        ] {
+            match Management::parse(raw, &t) {
+                Ok(m) => panic!("{raw:?} accepted as {m:?}"),
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(text.contains("managementUrl"), "{text}");
+                    assert!(!text.contains("PwaAA0aA0A"), "{text}");
+                    assert!(!text.contains("Pwa"), "{text}");
+                }
+            }
+        }
+        // What a WHATWG parser reads as user info is the password: kept secret, never shown.
+        for raw in [
+            "http:ops:PwaAA0aA0A@localhost",
+            "http://ops:a@PwaAA0aA0A@localhost",
+            "http://ops:PwaAA0aA0A%2F%3F%23%5C@localhost",
+        ] {
+            let m = Management::parse(raw, &t).unwrap();
+            assert_eq!(m.base.as_str(), "http://localhost/", "{raw:?}");
+            assert_eq!(m.username, "ops");
+            assert!(m.password.expose().contains("PwaAA0aA0A"));
+            assert!(!format!("{m:?}").contains("PwaAA0aA0A"), "{m:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::secret::{redact_url, Secret};
+use crate::secret::{at_after_host, redact_url, Secret, AT_AFTER_HOST};
 
 /// Default Redis port, as kombu uses it.
 const DEFAULT_PORT: u16 = 6379;
@@ -78,6 +78,9 @@ impl RedisTarget {
             .collect();
         let first = parts.first().ok_or_else(|| bad("no URL"))?;
         let url = Url::parse(first).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+        if at_after_host(&url) {
+            return Err(bad(AT_AFTER_HOST));
+        }
         let scheme = url.scheme().to_ascii_lowercase();
         if parts.len() > 1 && scheme != "sentinel" {
             return Err(bad(
@@ -135,6 +138,9 @@ impl RedisTarget {
                 let mut nodes = Vec::with_capacity(parts.len());
                 for part in &parts {
                     let u = Url::parse(part).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+                    if at_after_host(&u) {
+                        return Err(bad(AT_AFTER_HOST));
+                    }
                     if !u.scheme().eq_ignore_ascii_case("sentinel") {
                         return Err(bad("every `;`-separated URL must be sentinel://"));
                     }

@@ -7,7 +7,7 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::secret::{redact_url, Secret};
+use crate::secret::{at_after_host, misread_char, redact_url, Secret, AT_AFTER_HOST};
 
 /// One SQS client: region, endpoint and credentials. Equal targets share a client.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -57,6 +57,9 @@ impl SqsTarget {
         })?;
         if !url.scheme().eq_ignore_ascii_case("sqs") {
             return Err(bad("not an sqs:// URL"));
+        }
+        if at_after_host(&url) {
+            return Err(bad(AT_AFTER_HOST));
         }
         let access_key = match (url.username(), url.password()) {
             ("", None) => None,
@@ -116,11 +119,12 @@ pub fn parse_endpoint(raw: &str) -> Result<String> {
         || url.query().is_some()
         || url.fragment().is_some()
         || raw.contains('@')
+        || misread_char(raw).is_some()
     {
         return Err(Error::invalid(
             "awsEndpoint",
             format!(
-                "must be an http:// or https:// URL with a host, and no credentials, query or fragment, got `{}`",
+                "must be an http:// or https:// URL with a host, and no credentials, query, fragment, backslash or control character, got `{}`",
                 redact_url(raw)
             ),
         ));
@@ -201,6 +205,16 @@ mod tests {
         );
         assert!(parse_endpoint("ftp://x").is_err());
         assert!(parse_endpoint("http://u:p@x").is_err());
+        for raw in [
+            r"http://=\;:PwaAA0aA0A@localhost",
+            r"http://localhost\x",
+            "http://local\thost:4566",
+            "http://localhost:4566/\n/x",
+        ] {
+            let e = parse_endpoint(raw).unwrap_err();
+            assert!(e.to_string().contains("awsEndpoint"), "{e}");
+            assert!(!e.to_string().contains("PwaAA0aA0A"), "{e}");
+        }
         assert_eq!(parse_region("eu-central-2").unwrap(), "eu-central-2");
         assert!(parse_region("EU WEST").is_err());
     }

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs the KEDA end-to-end suite: the real KEDA operator and metrics apiserver on a real
+# kube-apiserver call the scaler (e2e/keda, Go tests with client-go).
+#
+#   bash e2e/scripts/run.sh                 the whole suite
+#   bash e2e/scripts/run.sh -run Redis      arguments go to `go test`
+#
+# Steps: the brokers and Celery venv (scripts/test.sh in CKS_ENV_ONLY mode, unless CKS_REDIS_URL is
+# already set), the control plane's binaries (e2e/scripts/build.sh, cached outside the clone), the
+# scaler (cargo build, debug, as the Rust suites use it), gofmt and go vet of every e2e module,
+# then `go test`. Knobs: CKS_E2E_WORKDIR (keep the control plane's files and logs there),
+# CKS_E2E_KEEP=1 (print where the logs are even on success), CKS_E2E_PUSH_TRIALS (default 10),
+# CKS_E2E_RESULTS (JSON lines with the measured figures; default <workdir>/results.jsonl).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+log() { printf '==> %s\n' "$*" >&2; }
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+START=$SECONDS
+
+command -v go >/dev/null 2>&1 || die "go is not installed: the control plane is built from the Go module proxy (Go >= 1.26)"
+command -v kubectl >/dev/null 2>&1 || die "kubectl is not installed (the manifests scenario renders kustomizations with it)"
+
+if [ -z "${CKS_REDIS_URL:-}" ] || [ -z "${CKS_PYTHON:-}" ]; then
+    log "preparing brokers and the Celery venv (scripts/test.sh, CKS_ENV_ONLY=1)"
+    eval "$(CKS_ENV_ONLY=1 bash scripts/test.sh)"
+fi
+
+log "control plane binaries (e2e/scripts/build.sh)"
+CKS_E2E_BIN="$(bash e2e/scripts/build.sh)"
+export CKS_E2E_BIN
+
+log "cargo build --bin celery-keda-scaler"
+cargo build --bin celery-keda-scaler >&2
+CKS_SCALER_BIN="$(cargo metadata --format-version 1 --no-deps | "${CKS_PYTHON:-python3}" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/celery-keda-scaler"
+export CKS_SCALER_BIN
+[ -x "$CKS_SCALER_BIN" ] || die "$CKS_SCALER_BIN was not built"
+
+log "gofmt and go vet (e2e)"
+unformatted="$(gofmt -l e2e)"
+[ -z "$unformatted" ] || die "gofmt -l e2e lists files to format: $unformatted"
+(cd e2e/keda && go vet ./...)
+
+log "go test (e2e/keda), prepared in $((SECONDS - START))s"
+cd e2e/keda
+exec go test -count=1 -v -timeout 50m "$@" ./...

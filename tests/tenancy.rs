@@ -1,0 +1,735 @@
+//! Tenancy over real gRPC against real Redis, RabbitMQ and moto: named brokers kept to their
+//! namespaces, the broker host allowlist (names, globs, ports, address ranges checked on what a
+//! name resolves to), inline URLs turned off, and the scaler's AWS identity lent only to named
+//! brokers. Every refusal is PERMISSION_DENIED from every RPC, names the key, host or broker and
+//! the namespace, holds no secret, is counted by reason, and opens no connection (a counting
+//! listener stays at zero); allowed triggers keep their exact depths.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
+use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use celery_keda_scaler::server::ServeSettings;
+use celery_keda_scaler::tenancy::Tenancy;
+use common::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn so(namespace: &str, m: &HashMap<String, String>) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name: "worker".into(),
+        namespace: namespace.into(),
+        scaler_metadata: m.clone(),
+    }
+}
+
+/// GetMetricSpec then GetMetrics (and IsActive) for a ScaledObject in `namespace`.
+async fn read(
+    client: &mut ExternalScalerClient<Channel>,
+    namespace: &str,
+    m: &HashMap<String, String>,
+) -> Result<i64, tonic::Status> {
+    let spec = client.get_metric_spec(so(namespace, m)).await?.into_inner();
+    let name = spec.metric_specs[0].metric_name.clone();
+    let v = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(so(namespace, m)),
+            metric_name: name,
+        })
+        .await?
+        .into_inner()
+        .metric_values[0]
+        .metric_value;
+    let active = client
+        .is_active(so(namespace, m))
+        .await?
+        .into_inner()
+        .result;
+    assert_eq!(active, v > 0);
+    Ok(v)
+}
+
+fn check_status(what: &str, s: &tonic::Status, needles: &[&str], secrets: &[&str]) {
+    assert_eq!(s.code(), Code::PermissionDenied, "{what}: {s:?}");
+    for n in needles {
+        assert!(
+            s.message().contains(n),
+            "{what}: `{n}` missing in: {}",
+            s.message()
+        );
+    }
+    for secret in secrets {
+        assert!(
+            !s.message().contains(secret),
+            "{what}: secret in: {}",
+            s.message()
+        );
+    }
+}
+
+/// Every RPC refuses `m` from `namespace`; `GetMetricSpec` too unless `spec_answers` (a name
+/// that only an address range admits needs DNS, which GetMetricSpec never does). Returns the
+/// number of refusals the scaler counted.
+async fn refused(
+    client: &mut ExternalScalerClient<Channel>,
+    namespace: &str,
+    m: &HashMap<String, String>,
+    spec_answers: bool,
+    needles: &[&str],
+    secrets: &[&str],
+) -> u64 {
+    let spec = client.get_metric_spec(so(namespace, m)).await;
+    if spec_answers {
+        assert!(
+            spec.is_ok(),
+            "GetMetricSpec must answer without DNS: {spec:?}"
+        );
+    } else {
+        check_status("GetMetricSpec", &spec.unwrap_err(), needles, secrets);
+    }
+    let s = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(so(namespace, m)),
+            metric_name: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    check_status("GetMetrics", &s, needles, secrets);
+    let s = client.is_active(so(namespace, m)).await.unwrap_err();
+    check_status("IsActive", &s, needles, secrets);
+    let s = client.stream_is_active(so(namespace, m)).await.unwrap_err();
+    check_status("StreamIsActive", &s, needles, secrets);
+    if spec_answers {
+        3
+    } else {
+        4
+    }
+}
+
+fn redis_port() -> u16 {
+    url::Url::parse(&redis_url())
+        .unwrap()
+        .port()
+        .unwrap_or(6379)
+}
+
+fn env(vars: &[(&str, &str)]) -> BrokerEnv {
+    BrokerEnv::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+}
+
+fn allowlist(text: &str) -> ServeSettings {
+    ServeSettings {
+        tenancy: Tenancy {
+            allowed_hosts: Some(text.parse().unwrap()),
+            ..Tenancy::default()
+        },
+        ..ServeSettings::default()
+    }
+}
+
+async fn refusals(scaler: &Scaler, reason: &str) -> u64 {
+    scaler
+        .metric(&format!(
+            "celery_keda_refusals_total{{reason=\"{reason}\"}}"
+        ))
+        .await
+        .unwrap_or_else(|| panic!("no refusals series for {reason}")) as u64
+}
+
+/// Publishes `n` tasks with real Celery to a unique queue on the suite's Redis.
+fn redis_queue(n: u64) -> String {
+    let q = unique("ten");
+    assert_eq!(
+        CeleryConf::new(&redis_url()).publish(&q, &["--count", &n.to_string()]),
+        n
+    );
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_brokers_are_kept_to_their_namespaces() {
+    let q = redis_queue(3);
+    let (silent, accepted) = silent_server().await;
+    let team_b = format!("redis://:TeamBSecret42@127.0.0.1:{silent}/0");
+    let env = env(&[
+        ("CELERY_KEDA_BROKER_TEAM_A", &redis_url()),
+        ("CELERY_KEDA_NAMESPACES_TEAM_A", "team-a, ops-*"),
+        ("CELERY_KEDA_BROKER_TEAM_B", &team_b),
+        ("CELERY_KEDA_NAMESPACES_TEAM_B", "team-b"),
+        ("CELERY_KEDA_BROKER_SHARED", &redis_url()),
+    ]);
+    let scaler = Scaler::start_with(env, ServeSettings::default()).await;
+    let mut client = scaler.client().await;
+    let named = |b: &str| meta(&[("broker", b), ("queues", &q), ("scaleOnRunning", "false")]);
+
+    assert_eq!(
+        read(&mut client, "team-a", &named("team-a")).await.unwrap(),
+        3
+    );
+    assert_eq!(
+        read(&mut client, "ops-eu", &named("Team_A")).await.unwrap(),
+        3
+    );
+    // A broker without a list is open to every namespace, as before.
+    assert_eq!(
+        read(&mut client, "team-b", &named("shared")).await.unwrap(),
+        3
+    );
+
+    let mut n = 0;
+    n += refused(
+        &mut client,
+        "team-b",
+        &named("team-a"),
+        false,
+        &[
+            "`broker`",
+            "`team-a`",
+            "namespace `team-b`",
+            "CELERY_KEDA_NAMESPACES_TEAM_A",
+        ],
+        &[],
+    )
+    .await;
+    n += refused(
+        &mut client,
+        "team-a",
+        &named("team-b"),
+        false,
+        &["`team-b`", "namespace `team-a`"],
+        &["TeamBSecret42"],
+    )
+    .await;
+    n += refused(
+        &mut client,
+        "",
+        &named("team-b"),
+        false,
+        &["(none given)"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused trigger connected"
+    );
+    assert_eq!(refusals(&scaler, "namespace").await, n);
+    assert_eq!(refusals(&scaler, "host").await, 0);
+
+    // A list for a broker that does not exist is a configuration error naming the variable.
+    let err = BrokerEnv::from_vars([(
+        "CELERY_KEDA_NAMESPACES_NOPE".to_string(),
+        "team-a".to_string(),
+    )])
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("CELERY_KEDA_NAMESPACES_NOPE"),
+        "{err}"
+    );
+    scaler.stop().await;
+    cleanup_redis(&redis_url(), "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_allowlist_admits_names_globs_and_ports_only() {
+    let q = redis_queue(3);
+    let vhost = Vhost::create().await;
+    let rq = unique("tenq");
+    assert_eq!(
+        CeleryConf::new(&vhost.url()).publish(&rq, &["--count", "2"]),
+        2
+    );
+    let prefix = format!("{}-", unique("ten"));
+    let mut sqs_conf = CeleryConf::new(&sqs_broker_url());
+    sqs_conf.queue_name_prefix = Some(prefix.clone());
+    assert_eq!(sqs_conf.publish("celery", &["--count", "4"]), 4);
+    let (_, moto_port) = sqs_endpoint();
+    let (_, amqp_port) = amqp_base();
+    let mgmt_port = url::Url::parse(&management_base())
+        .unwrap()
+        .port()
+        .unwrap_or(15672);
+    let (silent, accepted) = silent_server().await;
+
+    // Name rules only, so no name is ever looked up in DNS here (address rules are the next test).
+    let rules = format!(
+        "localhost:{}, localhost:{amqp_port}, localhost:{mgmt_port}, localhost:{moto_port}, *.team-a.svc.cluster.local",
+        redis_port(),
+    );
+    // The named broker's host is not on the list: the operator chose it.
+    let named_rabbit = format!("amqp://guest:guest@127.0.0.1:{amqp_port}/{}", vhost.name);
+    let env = env(&[
+        (
+            "CELERY_KEDA_BROKER_OPS",
+            &format!("redis://127.0.0.1:{}/0", redis_port()),
+        ),
+        ("CELERY_KEDA_BROKER_RMQ", &named_rabbit),
+    ]);
+    let scaler = Scaler::start_with(env, allowlist(&rules)).await;
+    let mut client = scaler.client().await;
+    let no_run = ("scaleOnRunning", "false");
+
+    let redis = meta(&[
+        (
+            "brokerUrl",
+            &format!("redis://localhost:{}/0", redis_port()),
+        ),
+        ("queues", &q),
+        no_run,
+    ]);
+    assert_eq!(read(&mut client, "team-a", &redis).await.unwrap(), 3);
+    let named = meta(&[("broker", "ops"), ("queues", &q), no_run]);
+    assert_eq!(read(&mut client, "team-a", &named).await.unwrap(), 3);
+    let rabbit_url = format!("amqp://guest:guest@localhost:{amqp_port}/{}", vhost.name);
+    let rabbit = meta(&[("brokerUrl", &rabbit_url), ("queues", &rq), no_run]);
+    assert_eq!(read(&mut client, "team-a", &rabbit).await.unwrap(), 2);
+    // Its management API (derived: 127.0.0.1:15672) is the operator's choice too.
+    let rabbit = meta(&[("broker", "rmq"), ("queues", &rq), no_run]);
+    assert_eq!(read(&mut client, "team-a", &rabbit).await.unwrap(), 2);
+    let sqs = meta(&[
+        (
+            "brokerUrl",
+            &format!("sqs://testing:testing@localhost:{moto_port}"),
+        ),
+        ("queueNamePrefix", &prefix),
+    ]);
+    assert_eq!(read(&mut client, "team-a", &sqs).await.unwrap(), 4);
+    // A name under the glob passes the allowlist (GetMetricSpec needs no DNS for it).
+    let glob = meta(&[("brokerUrl", "redis://r.team-a.svc.cluster.local:6379/0")]);
+    client.get_metric_spec(so("team-a", &glob)).await.unwrap();
+
+    let local = |path: &str| format!("127.0.0.1:{silent}{path}");
+    let cases: Vec<(HashMap<String, String>, Vec<String>, &str)> = vec![
+        (
+            meta(&[("brokerUrl", &format!("redis://localhost:{silent}/0"))]),
+            vec!["`brokerUrl`".into(), format!("`localhost:{silent}`")],
+            "",
+        ),
+        (
+            meta(&[("brokerUrl", &format!("redis://:RedisPw77@{}/0", local("")))]),
+            vec![format!("`{}`", local(""))],
+            "RedisPw77",
+        ),
+        (
+            meta(&[(
+                "brokerUrlFromEnv",
+                "amqp://guest:AmqpPw88@evil.team-b.svc:5672//",
+            )]),
+            vec!["`brokerUrlFromEnv`".into(), "`evil.team-b.svc:5672`".into()],
+            "AmqpPw88",
+        ),
+        (
+            meta(&[("brokerUrl", "redis://r.team-b.svc.cluster.local:6379/0")]),
+            vec!["`r.team-b.svc.cluster.local:6379`".into()],
+            "",
+        ),
+        (
+            meta(&[
+                (
+                    "brokerUrl",
+                    &format!(
+                        "sentinel://:SentPw33@localhost:{};sentinel://{}",
+                        redis_port(),
+                        local("")
+                    ),
+                ),
+                ("sentinelMaster", "mymaster"),
+            ]),
+            vec![format!("`{}`", local(""))],
+            "SentPw33",
+        ),
+        (
+            meta(&[
+                ("brokerUrl", &rabbit_url),
+                (
+                    "managementUrl",
+                    &format!("http://mgmt:MgmtPw99@{}", local("/")),
+                ),
+            ]),
+            vec!["`managementUrl`".into(), format!("`{}`", local(""))],
+            "MgmtPw99",
+        ),
+        (
+            meta(&[
+                ("brokerUrl", "sqs://AKIATEST:SqsPw11@"),
+                ("awsEndpoint", &format!("http://{}", local(""))),
+            ]),
+            vec!["`awsEndpoint`".into(), format!("`{}`", local(""))],
+            "SqsPw11",
+        ),
+        (
+            // A named broker's own host is exempt; a management API given in metadata is not.
+            meta(&[
+                ("broker", "rmq"),
+                ("managementUrl", &format!("http://{}", local("/"))),
+            ]),
+            vec!["`managementUrl`".into()],
+            "",
+        ),
+        (
+            meta(&[("brokerUrl", "redis+socket:///tmp/cks-none.sock")]),
+            vec!["Unix socket".into()],
+            "",
+        ),
+    ];
+    let mut n = 0;
+    for (m, needles, secret) in &cases {
+        let mut needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        needles.push("namespace `team-b`");
+        needles.push("--allowed-broker-hosts");
+        let secrets: Vec<&str> = [*secret].into_iter().filter(|s| !s.is_empty()).collect();
+        n += refused(&mut client, "team-b", m, false, &needles, &secrets).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused trigger connected"
+    );
+    assert_eq!(refusals(&scaler, "host").await, n);
+    scaler.stop().await;
+    vhost.delete().await;
+    cleanup_redis(&redis_url(), "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_ranges_check_what_a_name_resolves_to() {
+    let q = redis_queue(5);
+    let vhost = Vhost::create().await;
+    let rq = unique("tenq");
+    assert_eq!(
+        CeleryConf::new(&vhost.url()).publish(&rq, &["--count", "2"]),
+        2
+    );
+    let (_, amqp_port) = amqp_base();
+    let (_, moto_port) = sqs_endpoint();
+    let prefix = format!("{}-", unique("ten"));
+    let mut sqs_conf = CeleryConf::new(&sqs_broker_url());
+    sqs_conf.queue_name_prefix = Some(prefix.clone());
+    assert_eq!(sqs_conf.publish("celery", &["--count", "3"]), 3);
+    let (silent, accepted) = silent_server().await;
+
+    // `localhost` resolves to 127.0.0.1: outside these ranges.
+    let scaler = Scaler::start_with(BrokerEnv::default(), allowlist("10.0.0.0/8, fd00::/8")).await;
+    let mut client = scaler.client().await;
+    let by_name = meta(&[("brokerUrl", &format!("redis://localhost:{silent}/0"))]);
+    let n = refused(
+        &mut client,
+        "team-b",
+        &by_name,
+        true,
+        &[
+            "`brokerUrl`",
+            "`localhost`",
+            "127.0.0.1",
+            "namespace `team-b`",
+        ],
+        &[],
+    )
+    .await;
+    let by_address = meta(&[("brokerUrl", &format!("redis://127.0.0.1:{silent}/0"))]);
+    let m = refused(
+        &mut client,
+        "team-b",
+        &by_address,
+        false,
+        &["127.0.0.1"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused trigger connected"
+    );
+    assert_eq!(refusals(&scaler, "address").await, n);
+    assert_eq!(refusals(&scaler, "host").await, m);
+    scaler.stop().await;
+
+    // Inside the range: the name is resolved, checked, and the scaler connects to that address.
+    let scaler = Scaler::start_with(BrokerEnv::default(), allowlist("127.0.0.0/8")).await;
+    let mut client = scaler.client().await;
+    let redis = meta(&[
+        (
+            "brokerUrl",
+            &format!("redis://localhost:{}/0", redis_port()),
+        ),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    assert_eq!(read(&mut client, "team-a", &redis).await.unwrap(), 5);
+    let rabbit = meta(&[
+        (
+            "brokerUrl",
+            &format!("amqp://guest:guest@localhost:{amqp_port}/{}", vhost.name),
+        ),
+        ("queues", &rq),
+        ("scaleOnRunning", "false"),
+    ]);
+    assert_eq!(read(&mut client, "team-a", &rabbit).await.unwrap(), 2);
+    let sqs = meta(&[
+        (
+            "brokerUrl",
+            &format!("sqs://testing:testing@localhost:{moto_port}"),
+        ),
+        ("queueNamePrefix", &prefix),
+    ]);
+    assert_eq!(read(&mut client, "team-a", &sqs).await.unwrap(), 3);
+    // A TLS host needs a name rule: its certificate names it, so it cannot be pinned.
+    let tls = meta(&[("brokerUrl", &format!("rediss://localhost:{silent}/0"))]);
+    refused(
+        &mut client,
+        "team-a",
+        &tls,
+        false,
+        &["TLS", "`localhost:"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused trigger connected"
+    );
+    scaler.stop().await;
+    vhost.delete().await;
+    cleanup_redis(&redis_url(), "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_urls_can_be_turned_off() {
+    let q = redis_queue(2);
+    let (silent, accepted) = silent_server().await;
+    let env = env(&[
+        ("CELERY_KEDA_BROKER_TEAM", &redis_url()),
+        ("CELERY_BROKER_URL", &redis_url()),
+    ]);
+    let settings = ServeSettings {
+        tenancy: Tenancy {
+            named_brokers_only: true,
+            ..Tenancy::default()
+        },
+        ..ServeSettings::default()
+    };
+    let scaler = Scaler::start_with(env, settings).await;
+    let mut client = scaler.client().await;
+    let no_run = ("scaleOnRunning", "false");
+    assert_eq!(
+        read(
+            &mut client,
+            "team-a",
+            &meta(&[("broker", "team"), ("queues", &q), no_run])
+        )
+        .await
+        .unwrap(),
+        2
+    );
+    assert_eq!(
+        read(&mut client, "team-a", &meta(&[("queues", &q), no_run]))
+            .await
+            .unwrap(),
+        2,
+        "the default broker stays"
+    );
+    let url = format!("redis://:InlinePw5@127.0.0.1:{silent}/0");
+    let mut n = 0;
+    for (key, value) in [
+        ("brokerUrl", url.as_str()),
+        ("brokerUrlFromEnv", url.as_str()),
+        // Refused before the URL is even parsed.
+        ("brokerUrl", "redis://:InlinePw5@h/notadb"),
+    ] {
+        n += refused(
+            &mut client,
+            "team-a",
+            &meta(&[(key, value), ("broker", "team")]),
+            false,
+            &[
+                &format!("`{key}`"),
+                "broker: <name>",
+                "CELERY_KEDA_BROKER_<NAME>",
+                "namespace `team-a`",
+            ],
+            &["InlinePw5"],
+        )
+        .await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused trigger connected"
+    );
+    assert_eq!(refusals(&scaler, "inline_url").await, n);
+    scaler.stop().await;
+    cleanup_redis(&redis_url(), "", &[&q]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scalers_aws_identity_is_lent_only_to_named_brokers() {
+    let (moto_host, moto_port) = sqs_endpoint();
+    let prefix = format!("{}-", unique("ten"));
+    let mut conf = CeleryConf::new(&sqs_broker_url());
+    conf.queue_name_prefix = Some(prefix.clone());
+    assert_eq!(conf.publish("celery", &["--count", "3"]), 3);
+    let (silent, accepted) = silent_server().await;
+    let named = format!("sqs://{moto_host}:{moto_port}");
+    let aws = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "AwsAmbientSecret9"),
+        ("AWS_REGION", "us-east-1"),
+        ("CELERY_KEDA_BROKER_SQS", named.as_str()),
+    ];
+    let remove = ["CELERY_BROKER_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE"];
+    let scaler = ScalerProcess::spawn(&[], &aws, &remove).await;
+    let mut client = scaler.client().await;
+    let by_name = meta(&[("broker", "sqs"), ("queueNamePrefix", &prefix)]);
+    assert_eq!(read(&mut client, "team-a", &by_name).await.unwrap(), 3);
+    let silent_endpoint = format!("http://127.0.0.1:{silent}");
+    let silent_host = format!("sqs://127.0.0.1:{silent}");
+    let mut n = 0;
+    for m in [
+        meta(&[("brokerUrl", "sqs://"), ("awsEndpoint", &silent_endpoint)]),
+        meta(&[("brokerUrlFromEnv", &silent_host)]),
+    ] {
+        n += refused(
+            &mut client,
+            "team-b",
+            &m,
+            false,
+            &[
+                "AWS identity",
+                "named broker",
+                "--inline-sqs-ambient-identity",
+                "namespace `team-b`",
+            ],
+            &["AwsAmbientSecret9"],
+        )
+        .await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused trigger connected"
+    );
+    let metrics = scaler.metrics_text().await;
+    assert_eq!(
+        metric_in(
+            &metrics,
+            "celery_keda_refusals_total{reason=\"ambient_identity\"}"
+        ),
+        Some(n as f64)
+    );
+    let exit = scaler.terminate();
+    let lines: Vec<&str> = exit
+        .stderr
+        .lines()
+        .chain(exit.stdout.lines())
+        .filter(|l| l.contains("Tenancy protections"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one start-up line: {}", exit.stderr);
+    assert!(
+        lines[0].contains("inline sqs:// may not use the scaler's AWS identity"),
+        "{}",
+        lines[0]
+    );
+
+    // The setting lends it to inline triggers too.
+    let scaler = ScalerProcess::spawn(&["--inline-sqs-ambient-identity"], &aws, &remove).await;
+    let mut client = scaler.client().await;
+    let inline = meta(&[
+        ("brokerUrl", "sqs://"),
+        ("awsEndpoint", &format!("http://{moto_host}:{moto_port}")),
+        ("queueNamePrefix", &prefix),
+    ]);
+    assert_eq!(read(&mut client, "team-b", &inline).await.unwrap(), 3);
+    assert!(scaler.terminate().status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_checks_as_a_namespace_and_bad_settings_stop_the_scaler() {
+    let q = redis_queue(4);
+    let probe = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+            .arg("probe")
+            .args(args)
+            .env("CELERY_KEDA_BROKER_TEAM_A", redis_url())
+            .env("CELERY_KEDA_NAMESPACES_TEAM_A", "team-a")
+            .env("CELERY_KEDA_ALLOWED_BROKER_HOSTS", "redis.team-a.svc")
+            .env_remove("CELERY_BROKER_URL")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let queues = format!("queues={q}");
+    let (code, out, err) = probe(&[
+        "--namespace",
+        "team-a",
+        "broker=team-a",
+        &queues,
+        "scaleOnRunning=false",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("depth        4"), "{out}");
+    assert!(out.contains("namespace    team-a"), "{out}");
+    let (code, out, _) = probe(&[
+        "broker=team-a",
+        &queues,
+        "--namespace",
+        "team-a",
+        "scaleOnRunning=false",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("depth        4"), "{out}");
+    let (code, _, err) = probe(&["--namespace", "team-b", "broker=team-a", &queues]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("namespace `team-b`"),
+        "{err}"
+    );
+    let (code, _, err) = probe(&[
+        "--namespace",
+        "team-a",
+        "brokerUrl=redis://evil.example:6379/0",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("`evil.example:6379`"), "{err}");
+
+    for (var, value) in [
+        ("CELERY_KEDA_ALLOWED_BROKER_HOSTS", "*"),
+        ("CELERY_KEDA_ALLOWED_BROKER_HOSTS", "10.0.0.0/40"),
+        ("CELERY_KEDA_NAMESPACES_NOPE", "team-a"),
+        ("CELERY_KEDA_NAMESPACES_TEAM_A", "Team A!"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("CELERY_KEDA_BROKER_TEAM_A", redis_url())
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
+        let named = if var.starts_with("CELERY_KEDA_NAMESPACES_") {
+            var
+        } else {
+            "--allowed-broker-hosts"
+        };
+        assert!(err.contains(named), "{var}={value}: {err}");
+    }
+    cleanup_redis(&redis_url(), "", &[&q]).await;
+}
