@@ -310,11 +310,16 @@ async fn the_scaler_leaves_nothing_on_rabbitmq() {
     for kill in [false, true] {
         let scaler = ScalerProcess::spawn(&window, &[], &[]).await;
         exercise(&scaler, &m).await;
-        let during = rabbit_state(&vhost).await;
-        assert!(
-            during.iter().any(|r| r.contains(OWN)),
-            "the census uses its own reply queue: {during:?}"
-        );
+        // Each census declares its own reply queue and deletes it when it ends.
+        wait_for(
+            "a census's own reply queue",
+            Duration::from_secs(30),
+            || async {
+                let during = rabbit_state(&vhost).await;
+                during.iter().any(|r| r.contains(OWN)).then_some(())
+            },
+        )
+        .await;
         if kill {
             scaler.kill();
         } else {

@@ -199,6 +199,16 @@ async fn rabbitmq_fanout_and_unresolvable_routes() {
     expect_depth(&scaler, &counting(&url, &fb, false, true), 2, bound).await;
     let both = format!("{fa},{fb}");
     expect_depth(&scaler, &counting(&url, &both, true, true), 4, bound).await;
+    // A second layout on the same broker (the same management API under another name) runs a
+    // census of its own beside the first: neither takes the other's replies.
+    let mut explicit = counting(&url, &fa, false, true);
+    let other_name = management_base().replace("127.0.0.1", "localhost");
+    assert_ne!(other_name, management_base(), "the management API is local");
+    explicit.insert("managementUrl".into(), other_name);
+    for _ in 0..3 {
+        expect_depth(&scaler, &explicit, 2, bound).await;
+        expect_depth(&scaler, &counting(&url, &fa, false, true), 2, bound).await;
+    }
     expect_depth(
         &scaler,
         &counting(&url, &both, true, true),

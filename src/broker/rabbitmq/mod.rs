@@ -41,9 +41,6 @@ pub struct RabbitBroker {
     /// The connection and a channel on it, opened on first use and after a failure.
     amqp: Mutex<Amqp>,
     http: reqwest::Client,
-    /// This client's remote-control reply queue id (kombu's `oid`, named so the scaler's own
-    /// reply queue is recognisable; see [`new_oid`]).
-    oid: String,
     /// The vhost's exchanges and bindings, and when they were read.
     routes: Mutex<Option<(tokio::time::Instant, Arc<Routes>)>>,
 }
@@ -92,7 +89,6 @@ impl RabbitBroker {
             timeout: settings.timeout,
             amqp: Mutex::new(Amqp::default()),
             http,
-            oid: new_oid(),
             routes: Mutex::new(None),
         })
     }
@@ -282,11 +278,13 @@ impl RabbitBroker {
         }
     }
 
-    /// Declares the reply queue, broadcasts both commands and collects the replies that arrive
-    /// within `window`.
+    /// Declares a reply queue of its own (a fresh reply id per census, so that censuses of
+    /// several layouts on one broker never take each other's replies), broadcasts both commands,
+    /// collects the replies that arrive within `window`, and deletes the queue.
     async fn broadcast(&self, window: Duration) -> Result<Census> {
         use lapin::options::{
             BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+            QueueDeleteOptions,
         };
         use lapin::types::{AMQPValue, ShortString};
         use lapin::{BasicProperties, ExchangeKind};
@@ -310,7 +308,8 @@ impl RabbitBroker {
         )
         .await
         .map_err(conv)?;
-        let queue = format!("{}.{REPLY_EXCHANGE}", self.oid);
+        let oid = new_oid();
+        let queue = format!("{oid}.{REPLY_EXCHANGE}");
         // Celery's `control_queue_expires` (10 s) and `control_queue_ttl` (300 s) defaults.
         let mut args = FieldTable::default();
         args.insert(
@@ -335,7 +334,7 @@ impl RabbitBroker {
         ch.queue_bind(
             queue.as_str().into(),
             REPLY_EXCHANGE.into(),
-            self.oid.as_str().into(),
+            oid.as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -360,7 +359,7 @@ impl RabbitBroker {
                 MAILBOX.into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &request(command, tickets.of(command), &self.oid),
+                &request(command, tickets.of(command), &oid),
                 props,
             )
             .await
@@ -388,6 +387,11 @@ impl RabbitBroker {
                 tickets.add(&mut census, &ticket, &msg.delivery.data);
             }
         }
+        // As kombu's clients end: the queue goes now, not with the connection (a census cut
+        // short leaves it to the connection's end or its 10 s expiry).
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(conv)?;
         Ok(census)
     }
 
