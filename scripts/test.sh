@@ -359,6 +359,9 @@ if [ "$SKIP_CHECKS" != 1 ]; then
     cargo clippy --all-targets -- -D warnings
     log "Kubernetes manifests (scripts/validate-manifests.sh)"
     CKS_VENV="$VENV" bash scripts/validate-manifests.sh >&2
+    # After validate-manifests.sh: it reuses the validators that script installs.
+    log "Helm chart (scripts/check-helm.sh)"
+    CKS_VENV="$VENV" bash scripts/check-helm.sh >&2
     # Docker cannot run everywhere (not on the CI machines): check instead that the files
     # .dockerignore lets into the image's build context build the binary with --locked, as the
     # Dockerfile's builder stage does.

@@ -10,6 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use celery_keda_scaler::grpc::PUSH_REPEATS;
 use common::*;
 use tonic::Code;
 
@@ -372,11 +373,19 @@ async fn stream_pushes_on_rabbitmq() {
     assert!(first.unwrap().unwrap().result);
     let latency = published.elapsed();
     assert!(latency < Duration::from_secs(1), "pushed after {latency:?}");
+    // Repeated PUSH_REPEATS.len() times while active (KEDA may drop the first), then quiet.
+    let all_repeats: Duration = PUSH_REPEATS.iter().sum();
+    for i in 0..PUSH_REPEATS.len() {
+        let repeat = tokio::time::timeout(all_repeats + Duration::from_secs(2), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("repeat {i}"));
+        assert!(repeat.unwrap().unwrap().result);
+    }
     assert!(
-        tokio::time::timeout(Duration::from_secs(1), stream.next())
+        tokio::time::timeout(Duration::from_secs(2), stream.next())
             .await
             .is_err(),
-        "not repeated"
+        "no more than PUSH_REPEATS"
     );
     vhost.delete().await;
 }

@@ -295,7 +295,7 @@ func startWorker(t *testing.T, brokerURL string, queues []string, concurrency in
 		"-n", fmt.Sprintf("e2e-%d@localhost", time.Now().UnixNano()),
 		"--without-mingle", "--without-gossip", "-l", "info")
 	cmd.Dir = filepath.Join(repoRoot, "tests", "celery_app")
-	cmd.Env = append(os.Environ(), "CKS_BROKER="+brokerURL)
+	cmd.Env = append(os.Environ(), "CKS_BROKER="+brokerURL, "CKS_MARKER_REDIS="+brokerURL)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

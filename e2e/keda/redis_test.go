@@ -18,8 +18,14 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
-// The Redis database the KEDA scenarios use; the Rust suites use others or unique keys.
-const e2eRedisDB = 15
+// The Redis database the KEDA scenarios use (CKS_E2E_REDIS_DB, default 15); the Rust suites use
+// unique keys elsewhere. Two suites running at once on one Redis need different databases.
+var e2eRedisDB = func() int {
+	if v, err := strconv.Atoi(os.Getenv("CKS_E2E_REDIS_DB")); err == nil {
+		return v
+	}
+	return 15
+}()
 
 // exampleWorker loads deploy/examples/redis/worker.yaml with only what this machine needs changed:
 // the broker URL in the Secret (our Redis), the image (never pulled: no kubelet) and scalerAddress.

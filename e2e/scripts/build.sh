@@ -5,6 +5,8 @@
 # same machine, rebuilds nothing. Prints the bin directory on stdout.
 #
 #   CKS_E2E_CACHE   cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/celery-keda-scaler/e2e)
+#   CKS_E2E_ONLY    build only these modules (space-separated, e.g. "helm helm-docs" for
+#                   scripts/check-helm.sh); the others keep their links in the bin directory
 set -euo pipefail
 
 E2E="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,9 @@ log() { printf '==> %s\n' "$*" >&2; }
 build() {
     local dir=$1 ldflags=$2
     shift 2
+    if [ -n "${CKS_E2E_ONLY:-}" ] && [[ " $CKS_E2E_ONLY " != *" $dir "* ]]; then
+        return
+    fi
     local key
     key=$(cat "$E2E/$dir/go.mod" "$E2E/$dir/go.sum" | sha256sum | cut -c1-16)
     local out="$CACHE/$dir-$key"
@@ -55,6 +60,12 @@ mod_version() { # dir module
 mkdir -p "$CACHE/bin"
 k8s_version=$(mod_version kubernetes k8s.io/kubernetes)
 keda_version=$(mod_version keda github.com/kedacore/keda/v2)
+# Helm, for the chart in deploy/helm (scripts/check-helm.sh, e2e/keda/helm_test.go).
+helm_version=$(mod_version helm helm.sh/helm/v3)
+# Helm's default Kubernetes version (helm template, lint) is the one of its client-go, as its Makefile sets it.
+helm_k8s_minor=$(mod_version helm k8s.io/client-go)
+helm_k8s_minor=${helm_k8s_minor#v0.}
+helm_k8s_minor=${helm_k8s_minor%%.*}
 k8s_minor=${k8s_version#v1.}
 k8s_minor=${k8s_minor%%.*}
 kv=k8s.io/component-base/version
@@ -64,9 +75,13 @@ dirs=(
         k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)"
     "$(build keda "-X github.com/kedacore/keda/v2/version.Version=${keda_version#v}" \
         github.com/kedacore/keda/v2/cmd/operator github.com/kedacore/keda/v2/cmd/adapter)"
+    "$(build helm "-X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor" \
+        helm.sh/helm/v3/cmd/helm)"
+    "$(build helm-docs "" github.com/norwoodj/helm-docs/cmd/helm-docs)"
 )
 # One directory of links to the current binaries, for PATH.
 for d in "${dirs[@]}"; do
+    [ -n "$d" ] || continue # not built (CKS_E2E_ONLY)
     for f in "$d"/*; do ln -sfn "$f" "$CACHE/bin/$(basename "$f")"; done
 done
 printf '%s\n' "$CACHE/bin"

@@ -7,6 +7,8 @@ publish at a moment it chooses without paying Python's and Celery's start-up eac
         -> {"ok": true, "published": 1}
     {"op": "purge", "queues": ["celery", "priority"]}
         -> {"ok": true, "purged": N}   (every priority list of each queue, as kombu purges)
+    {"op": "counter", "key": "marker"}
+        -> {"ok": true, "value": N}   (Redis brokers: a `cks.sleep` start counter, 0 if unset)
 
 The app is configured from the environment (cks_app: CKS_BROKER and friends). A failed command
 answers {"ok": false, "error": "..."} and the loop goes on.
@@ -46,8 +48,15 @@ def purge(cmd):
     return {"ok": True, "purged": purged}
 
 
+def counter(cmd):
+    import redis
+
+    value = redis.Redis.from_url(os.environ["CKS_BROKER"]).get(cmd["key"])
+    return {"ok": True, "value": int(value or 0)}
+
+
 def main():
-    ops = {"publish": publish, "purge": purge}
+    ops = {"publish": publish, "purge": purge, "counter": counter}
     print(json.dumps({"ok": True, "ready": True}), flush=True)
     for line in sys.stdin:
         line = line.strip()

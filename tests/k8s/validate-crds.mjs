@@ -36,6 +36,7 @@ const MODELS = {
   "monitoring.coreos.com/v1": {
     ServiceMonitor: monitoring.ServiceMonitor,
     PodMonitor: monitoring.PodMonitor,
+    PrometheusRule: monitoring.PrometheusRule,
   },
 };
 // API groups whose kinds must all be known here (kubernetes-validate has no schema for them).

@@ -1,0 +1,288 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+)
+
+// builtinRedis makes a copy of the example's Deployment and a ScaledObject for KEDA's own `redis`
+// scaler on the same list: the comparison the README's table makes, measured in the same run.
+func builtinRedis(t *testing.T, ns string, deployment *unstructured.Unstructured, list string, listLength int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
+	t.Helper()
+	dep = deployment.DeepCopy()
+	dep.SetName("builtin-redis-worker")
+	// Its own pods: an HPA refuses to act on pods another HPA also selects.
+	labels := map[string]any{"app.kubernetes.io/name": "builtin-redis-worker"}
+	dep.SetLabels(map[string]string{"app.kubernetes.io/name": "builtin-redis-worker"})
+	set(t, dep, labels, "spec", "selector", "matchLabels")
+	set(t, dep, labels, "spec", "template", "metadata", "labels")
+	so = &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "keda.sh/v1alpha1",
+		"kind":       "ScaledObject",
+		"metadata":   map[string]any{"name": "builtin-redis-worker", "namespace": ns},
+		"spec": map[string]any{
+			"scaleTargetRef":  map[string]any{"name": "builtin-redis-worker"},
+			"minReplicaCount": int64(0),
+			"maxReplicaCount": int64(20),
+			"cooldownPeriod":  cooldown,
+			"pollingInterval": polling,
+			"triggers": []any{map[string]any{
+				"type": "redis",
+				"metadata": map[string]any{
+					"address":       redisURL[len("redis://"):],
+					"listName":      list,
+					"listLength":    fmt.Sprint(listLength),
+					"databaseIndex": fmt.Sprint(e2eRedisDB),
+				},
+			}},
+		},
+	}}
+	return dep, so
+}
+
+// TestRedisHPAScalesToExactReplicas: 47 tasks, queueLength 5 -> the real HPA takes the Deployment
+// to exactly ceil(47/5) = 10 replicas, and down to 0 when a worker drains the queue. KEDA's
+// built-in `redis` scaler watches the same state: 20 tasks at priority 0 and 27 at priority 9 put
+// 20 in the list it reads (`celery`) and 27 in `celery\x06\x169`, so it asks for ceil(20/5) = 4.
+func TestRedisHPAScalesToExactReplicas(t *testing.T) {
+	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	pub := newPublisher(t, broker)
+	pub.purge(t, "celery", "priority")
+	ns := namespace(t, nsName(t, ""))
+	secret, deployment, so := exampleWorker(t)
+	setTrigger(t, so, "queueLength", "5")
+	set(t, so, int64(20), "spec", "cooldownPeriod")
+	set(t, so, int64(5), "spec", "pollingInterval")
+	bDep, bSO := builtinRedis(t, ns, deployment, "celery", 5, 20, 5)
+	apply(t, ns, secret, deployment, so, bDep, bSO)
+	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
+	ours, builtin := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, bDep.GetName())
+
+	pub.do(t, map[string]any{"op": "publish", "queue": "celery", "count": 20, "priority": 0})
+	pub.do(t, map[string]any{"op": "publish", "queue": "celery", "count": 27, "priority": 9})
+	start := time.Now()
+	if _, ok := ours.waitFor(10, 120*time.Second); !ok {
+		t.Fatalf("47 tasks, queueLength 5: replicas %d, want 10; history %v\n%s", ours.current().Replicas, ours.changes(), describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	if _, ok := builtin.waitFor(4, 120*time.Second); !ok {
+		t.Fatalf("KEDA's redis scaler: replicas %d, want 4 (20 tasks in the list it reads); history %v\n%s", builtin.current().Replicas, builtin.changes(), describe(ns, scaledObjectGVR, bSO.GetName()))
+	}
+	waitHPAMetric(t, ns, "keda-hpa-"+so.GetName(), 5) // 47 / 10 replicas, rounded up by the HPA's quantity
+	t.Logf("47 tasks: ours %v; KEDA's redis scaler %v (%s after publishing)", ours.changes(), builtin.changes(), time.Since(start).Round(time.Second))
+	for _, c := range ours.changes() {
+		if c.Replicas > 10 {
+			t.Fatalf("our Deployment went past 10 replicas: %v", ours.changes())
+		}
+	}
+	writeResult(t, "redis_hpa_47_tasks", map[string]any{"ours_replicas": 10, "builtin_redis_replicas": builtin.current().Replicas})
+
+	// A worker drains the queue: down to 0 (HPA down to 1, then KEDA after cooldownPeriod).
+	startWorker(t, broker, []string{"celery", "priority"}, 4)
+	if _, ok := ours.waitFor(0, 180*time.Second); !ok {
+		t.Fatalf("queue drained: replicas %d, want 0; history %v\n%s", ours.current().Replicas, ours.changes(), describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	t.Logf("drained: %v", ours.changes())
+}
+
+// TestRedisNeverToZeroUnderRunningTasks: two long early-ack tasks run on a local worker and the
+// queue is empty. Our ScaledObject keeps 1 replica through several cooldownPeriods and reaches 0
+// only after they finish; KEDA's built-in `redis` scaler on the same state goes to 0 while they run.
+func TestRedisNeverToZeroUnderRunningTasks(t *testing.T) {
+	const cooldown, polling, taskSeconds = 10, 5, 45
+	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	pub := newPublisher(t, broker)
+	pub.purge(t, "celery", "priority")
+	ns := namespace(t, nsName(t, ""))
+	secret, deployment, so := exampleWorker(t)
+	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
+	set(t, so, int64(polling), "spec", "pollingInterval")
+	bDep, bSO := builtinRedis(t, ns, deployment, "celery", 10, cooldown, polling)
+	apply(t, ns, secret, deployment, so, bDep, bSO)
+	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
+	ours, builtin := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, bDep.GetName())
+
+	// The tasks wait in the queue until both scalers have activated, then a worker takes them.
+	marker := fmt.Sprintf("cks-e2e-started-%d", time.Now().UnixNano())
+	pub.do(t, map[string]any{"op": "publish", "queue": "celery", "count": 2, "seconds": taskSeconds, "marker": marker})
+	if _, ok := ours.waitFor(1, 30*time.Second); !ok {
+		t.Fatalf("two tasks queued: replicas %d, want 1\n%s", ours.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	if _, ok := builtin.waitFor(1, 30*time.Second); !ok {
+		t.Fatalf("two tasks queued: KEDA's redis scaler has %d replicas, want 1\n%s", builtin.current().Replicas, describe(ns, scaledObjectGVR, bSO.GetName()))
+	}
+	startWorker(t, broker, []string{"celery", "priority"}, 2)
+	waitStarted(t, pub, marker, 2)
+	started := time.Now()
+	depth, err := probeDepth(broker, "celery,priority")
+	if err != nil || depth != 2 {
+		t.Fatalf("probe while two tasks run: %d (err %v), want 2", depth, err)
+	}
+	// Both tasks run for taskSeconds (45 s = 4.5 cooldownPeriods).
+	finished := started.Add(taskSeconds * time.Second)
+	ended := waitDepthZero(t, broker)
+	if ended.Before(finished.Add(-2 * time.Second)) {
+		t.Fatalf("the scaler read 0 at %s, before the tasks could finish (%s)", ended, finished)
+	}
+	for _, c := range ours.changes() {
+		if c.Replicas == 0 && c.At.After(started) && c.At.Before(ended) {
+			t.Fatalf("our Deployment went to 0 at %s while tasks ran (until %s): %v", c.At.Format("15:04:05.000"), ended.Format("15:04:05.000"), ours.changes())
+		}
+	}
+	at, ok := ours.waitFor(0, time.Duration(cooldown+3*polling+30)*time.Second)
+	if !ok {
+		t.Fatalf("tasks done at %s, replicas still %d\n%s", ended.Format("15:04:05.000"), ours.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	var builtinZero time.Time
+	for _, c := range builtin.changes() {
+		if c.Replicas == 0 && c.At.After(started) {
+			builtinZero = c.At
+			break
+		}
+	}
+	exposed := 0.0
+	if !builtinZero.IsZero() && builtinZero.Before(ended) {
+		exposed = ended.Sub(builtinZero).Seconds()
+	}
+	t.Logf("tasks ran %s -> %s; ours reached 0 %s after they ended (%v); KEDA's redis scaler: %v, scaled in under running tasks for %.1f s",
+		started.Format("15:04:05"), ended.Format("15:04:05"), at.Sub(ended).Round(time.Millisecond), ours.changes(), builtin.changes(), exposed)
+	writeResult(t, "redis_running_tasks", map[string]any{"ours_exposed_s": 0, "builtin_redis_exposed_s": exposed})
+	if builtinZero.IsZero() || !builtinZero.Before(ended) {
+		t.Fatalf("KEDA's redis scaler was expected to scale in while the tasks ran (its list is empty): %v", builtin.changes())
+	}
+}
+
+// waitStarted waits until n tasks published with marker have started (cks.sleep counts them).
+func waitStarted(t *testing.T, pub *publisher, marker string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		got := int(pub.do(t, map[string]any{"op": "counter", "key": marker})["value"].(float64))
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d tasks started within 60s", got, n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestRedisScaledJobRecipe: the README's ScaledJob recipe (deploy/examples/redis/scaledjob.yaml).
+// Jobs never run here (no kubelet), so each stays running and the tasks stay queued: 5 tasks ->
+// exactly 5 Jobs, still 5 after three polling intervals; 3 more tasks -> 8.
+func TestRedisScaledJobRecipe(t *testing.T) {
+	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	pub := newPublisher(t, broker)
+	pub.purge(t, "reports")
+	ns := namespace(t, nsName(t, ""))
+	secret, _, _ := exampleWorker(t)
+	objs := readExample(t, "deploy/examples/redis/scaledjob.yaml")
+	sj := find(t, objs, "ScaledJob")
+	setImage(t, sj)
+	setTrigger(t, sj, "scalerAddress", scaler.Addr)
+	apply(t, ns, secret, find(t, objs, "ConfigMap"), sj)
+	polling, _, _ := unstructured.NestedInt64(sj.Object, "spec", "pollingInterval")
+
+	pub.publish(t, "reports", 5, 0)
+	waitJobs(t, ns, sj.GetName(), 5, 60*time.Second)
+	holdJobs(t, ns, sj.GetName(), 5, time.Duration(3*polling+2)*time.Second)
+	pub.publish(t, "reports", 3, 0)
+	waitJobs(t, ns, sj.GetName(), 8, 60*time.Second)
+	holdJobs(t, ns, sj.GetName(), 8, time.Duration(polling+2)*time.Second)
+	pub.purge(t, "reports")
+}
+
+func countJobs(ns, scaledJob string) (int, error) {
+	jobs, err := kube.Client.BatchV1().Jobs(ns).List(context.Background(), metav1.ListOptions{LabelSelector: "scaledjob.keda.sh/name=" + scaledJob})
+	if err != nil {
+		return 0, err
+	}
+	return len(jobs.Items), nil
+}
+
+func waitJobs(t *testing.T, ns, scaledJob string, want int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		n, err := countJobs(ns, scaledJob)
+		if err == nil && n == want {
+			return
+		}
+		if err == nil && n > want {
+			t.Fatalf("ScaledJob %s/%s created %d Jobs, want %d", ns, scaledJob, n, want)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ScaledJob %s/%s: %d Jobs after %s, want %d (err %v)\n%s", ns, scaledJob, n, timeout, want, err, describe(ns, scaledJobGVR, scaledJob))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// holdJobs checks the Job count stays exactly want for the whole period.
+func holdJobs(t *testing.T, ns, scaledJob string, want int, period time.Duration) {
+	t.Helper()
+	end := time.Now().Add(period)
+	for time.Now().Before(end) {
+		n, err := countJobs(ns, scaledJob)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n != want {
+			t.Fatalf("ScaledJob %s/%s has %d Jobs, want exactly %d for %s", ns, scaledJob, n, want, period)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// TestRedisPushNeverLost: a ScaledObject created while its queue is already non-empty reaches 1
+// replica, and so does every later activation from 0 (five cycles of publish, drain, cooldown).
+func TestRedisPushNeverLost(t *testing.T) {
+	const cooldown, cycles = 5, 5
+	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	pub := newPublisher(t, broker)
+	pub.purge(t, "celery", "priority")
+	ns := namespace(t, nsName(t, ""))
+	secret, deployment, so := exampleWorker(t)
+	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
+	// Scale-in waits for a poll: 5 s instead of the example's 30 s keeps the five cycles short.
+	// Activation does not depend on it (it is pushed).
+	set(t, so, int64(5), "spec", "pollingInterval")
+	apply(t, ns, secret, deployment)
+	rw := watchReplicas(t, ns, deployment.GetName())
+	pub.publish(t, "celery", 1, 0)
+	created := time.Now()
+	apply(t, ns, so)
+	at, ok := rw.waitFor(1, 30*time.Second)
+	if !ok {
+		t.Fatalf("ScaledObject created over a non-empty queue: replicas %d, want 1\n%s", rw.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	t.Logf("created over a non-empty queue: spec.replicas == 1 %s after the ScaledObject was created", at.Sub(created).Round(time.Millisecond))
+	var latencies []time.Duration
+	for i := 1; i <= cycles; i++ {
+		pub.purge(t, "celery", "priority")
+		if _, ok := rw.waitFor(0, time.Duration(cooldown+40)*time.Second); !ok {
+			t.Fatalf("cycle %d: queue empty, replicas %d, want 0", i, rw.current().Replicas)
+		}
+		pub.publish(t, "celery", 1, 0)
+		published := time.Now()
+		at, ok := rw.waitFor(1, 30*time.Second)
+		if !ok {
+			t.Fatalf("cycle %d: one task, replicas %d, want 1\n%s", i, rw.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+		}
+		latencies = append(latencies, at.Sub(published))
+	}
+	t.Logf("activations from 0 after the first: %v", latencies)
+	for i, l := range latencies {
+		if l > time.Second {
+			t.Errorf("activation %d reached 1 replica %s after the push; the push path promises well under a second", i+1, l)
+		}
+	}
+	pub.purge(t, "celery", "priority")
+}
