@@ -220,7 +220,7 @@ impl Censuses {
                     tracing::warn!(
                         broker = kind,
                         tasks = unresolved,
-                        "Running tasks found that no queue could be found for; see probe"
+                        "Running tasks not attributed to any queue (see probe)"
                     );
                 }
             }

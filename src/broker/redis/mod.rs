@@ -429,7 +429,7 @@ const REPLY_PLACEHOLDER: &str = "celery-keda-scaler: waiting for replies";
 /// How long a reply binding and list of this scaler can be in use: a census lasts at most its
 /// deadline (seconds), so an older one is a leftover of a stopped process. Also the reply list's
 /// expiry.
-pub const STALE_REPLY: Duration = Duration::from_secs(30);
+const STALE_REPLY: Duration = Duration::from_secs(30);
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
