@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::census::Census;
 use crate::broker::{Broker, BrokerTarget, Layout};
@@ -89,6 +90,11 @@ pub struct Censuses {
     settings: CensusSettings,
     metrics: Arc<Metrics>,
     entries: Mutex<HashMap<Key, Arc<Entry>>>,
+    /// Cancelled on shutdown: loops start no new census.
+    stop: CancellationToken,
+    /// Censuses under way: shutdown waits for them, so that what they bound on the broker is
+    /// removed before the process exits.
+    busy: watch::Sender<usize>,
 }
 
 impl Censuses {
@@ -97,7 +103,17 @@ impl Censuses {
             settings,
             metrics,
             entries: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            busy: watch::Sender::new(0),
         })
+    }
+
+    /// Stops every loop, and waits (at most one census deadline) for the censuses under way to
+    /// end, so each one removes its reply binding from the broker.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let mut busy = self.busy.subscribe();
+        let _ = tokio::time::timeout(self.settings.deadline, busy.wait_for(|n| *n == 0)).await;
     }
 
     /// Number of running census loops.
@@ -175,6 +191,14 @@ impl Censuses {
     ) {
         let kind = key.0.kind();
         loop {
+            if self.stop.is_cancelled() {
+                self.entries
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                break;
+            }
+            self.busy.send_modify(|n| *n += 1);
             let result = match tokio::time::timeout(
                 self.settings.deadline,
                 client.census(&key.1, self.settings.window),
@@ -188,6 +212,18 @@ impl Censuses {
                     self.settings.deadline
                 ))),
             };
+            self.busy.send_modify(|n| *n = n.saturating_sub(1));
+            if let Ok(Some(census)) = &result {
+                let unresolved = census.unresolved().count() as u64;
+                if unresolved > 0 {
+                    self.metrics.census_unresolved(kind, unresolved);
+                    tracing::warn!(
+                        broker = kind,
+                        tasks = unresolved,
+                        "Running tasks not attributed to any queue (see probe)"
+                    );
+                }
+            }
             if let Err(e) = &result {
                 self.metrics.census_failure(kind);
                 tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Worker census failed");
@@ -199,6 +235,7 @@ impl Censuses {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.interval) => {}
                 _ = entry.retry.notified() => {}
+                _ = self.stop.cancelled() => {}
             }
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let idle = entry

@@ -58,6 +58,7 @@ pub struct Metrics {
     polls: Gauge,
     census_age: Family<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     census_failures: Family<BrokerLabels, Counter>,
+    census_unresolved: Family<BrokerLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
     tls_handshake_failures: Counter,
     refusals: Family<ReasonLabels, Counter>,
@@ -101,6 +102,7 @@ impl Metrics {
         let census_age =
             Family::<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let census_failures = Family::<BrokerLabels, Counter>::default();
+        let census_unresolved = Family::<BrokerLabels, Counter>::default();
         let tls_reloads = Family::<ResultLabels, Counter>::default();
         let tls_handshake_failures = Counter::default();
         let queue_series_dropped = Counter::default();
@@ -140,6 +142,11 @@ impl Metrics {
             "census_failures",
             "Worker censuses (inspect active broadcasts) that failed, by broker kind",
             census_failures.clone(),
+        );
+        registry.register(
+            "census_unresolved_tasks",
+            "Running, acknowledged tasks a worker census found that no queue could be found for (counted nowhere; each census counts them again), by broker kind",
+            census_unresolved.clone(),
         );
         registry.register(
             "rpc",
@@ -183,6 +190,7 @@ impl Metrics {
             polls,
             census_age,
             census_failures,
+            census_unresolved,
             tls_reloads,
             tls_handshake_failures,
             refusals,
@@ -216,6 +224,13 @@ impl Metrics {
         self.census_failures
             .get_or_create(&BrokerLabels { broker })
             .inc();
+    }
+
+    /// Counts running tasks a census could not attribute to a queue.
+    pub fn census_unresolved(&self, broker: &'static str, tasks: u64) {
+        self.census_unresolved
+            .get_or_create(&BrokerLabels { broker })
+            .inc_by(tasks);
     }
 
     /// Counts one answered RPC.

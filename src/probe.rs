@@ -42,7 +42,10 @@ pub async fn run(
     namespace: &str,
 ) -> Result<String, Error> {
     let trigger = core.admit(meta, namespace).await?;
-    let depth = core.read(&trigger.query).await?;
+    let depth = core.read(&trigger.query).await;
+    // The process exits next: no census may be left half done on the broker.
+    core.stop_censuses().await;
+    let depth = depth?;
     let q = &trigger.query;
     let mut out = String::new();
     let on_off = |b: bool| if b { "on" } else { "off" };
@@ -105,6 +108,16 @@ pub async fn run(
             for (worker, n) in per_worker {
                 let _ = writeln!(out, "             {n:>8}  on {worker}");
             }
+        }
+    }
+    if !depth.unresolved.is_empty() {
+        let _ = writeln!(
+            out,
+            "unresolved   {:>8}  running, acknowledged, queue unknown (not counted)",
+            depth.unresolved.len()
+        );
+        for line in &depth.unresolved {
+            let _ = writeln!(out, "             {line}");
         }
     }
     let total = depth.total();

@@ -151,6 +151,12 @@ impl Core {
         self.read(query).await
     }
 
+    /// Stops the worker census loops, waiting for censuses under way (bounded by their
+    /// deadline) so they leave nothing on the brokers.
+    pub async fn stop_censuses(&self) {
+        self.censuses.stop().await;
+    }
+
     /// Number of worker census loops running.
     pub fn census_loops(&self) -> usize {
         self.censuses.loops()
@@ -171,12 +177,25 @@ impl Core {
             .latest(client.clone(), &query.target, &query.layout);
         let (mut depth, census) = futures::future::try_join(client.depth(query), census).await?;
         if let Some(census) = census {
+            // A task the broker could have routed to several of the query's queues is counted
+            // once, under the first.
+            let mut counted = std::collections::HashSet::new();
             for q in &mut depth.queues {
                 q.running_workers = census
                     .acknowledged_in(&q.queue)
+                    .filter(|t| counted.insert((t.worker.as_str(), t.id.as_str())))
                     .map(|t| t.worker.clone())
                     .collect();
             }
+            depth.unresolved = census
+                .unresolved()
+                .map(|t| {
+                    format!(
+                        "task {} on {}: exchange `{}`, routing key `{}` match no queue",
+                        t.id, t.worker, t.exchange, t.routing_key
+                    )
+                })
+                .collect();
         }
         Ok(depth)
     }

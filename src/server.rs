@@ -132,16 +132,27 @@ pub async fn serve(
         sqs: settings.sqs_stream_poll_interval,
     };
     let hub = Hub::new(core.clone(), intervals, token.clone());
-    let service = Service::new(core, hub, token.clone());
+    let service = Service::new(core.clone(), hub, token.clone());
 
     let (health_reporter, health_service) = health::service(token.clone());
     health_reporter
         .set_serving::<ExternalScalerServer<Service>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // v1 and v1alpha from the same descriptor sets (each lists both reflection services, as
+    // grpc-go's server does): grpcurl and grpc-go ask v1, while Python's grpcio-reflection
+    // client, Evans, Postman and older grpcurl still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
 
     let admin_state = Arc::new(AdminState {
         metrics,
@@ -192,6 +203,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             ExternalScalerServer::new(service)
                 .max_decoding_message_size(settings.max_request_bytes),
@@ -212,6 +224,7 @@ pub async fn serve(
             Ok(())
         }
     };
+    core.stop_censuses().await;
     if let Some(task) = admin_task {
         if let Ok(Ok(r)) = tokio::time::timeout(grace, task).await {
             r?;

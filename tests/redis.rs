@@ -461,17 +461,27 @@ async fn depth_is_published_minus_finished_with_acks_late() {
     cleanup_redis(&url, "", &[&q]).await;
 }
 
-/// A census with a separator the workers do not use would break every worker's replies: it is
-/// refused with an error naming `separator` instead.
+/// Every key of a (test-owned) Redis database.
+async fn all_keys(url: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut raw_redis(url).await)
+        .await
+        .unwrap()
+}
+
+/// A census with a separator the workers do not use would break every worker's replies: the
+/// separator is learned from the workers' own mailbox bindings, a trigger with another one is
+/// refused with an error naming `separator`, and nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn census_refuses_a_separator_the_workers_do_not_use() {
     let server = OwnRedis::start(None, None);
     let url = server.url(None);
     let mut conn = raw_redis(&url).await;
-    // A reply binding as kombu (default sep) writes it.
+    // A worker's mailbox binding as kombu (default sep) writes it.
     let _: i64 = redis::cmd("SADD")
-        .arg("_kombu.binding.reply.celery.pidbox")
-        .arg("oid1\x06\x16\x06\x16oid1.reply.celery.pidbox")
+        .arg("_kombu.binding.celery.pidbox")
+        .arg("\x06\x16\x06\x16w1@h.celery.pidbox")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -481,15 +491,20 @@ async fn census_refuses_a_separator_the_workers_do_not_use() {
     let err = depth(&mut client, &m).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("`separator`"), "{}", err.message());
-    let members: Vec<String> = redis::cmd("SMEMBERS")
-        .arg("_kombu.binding.reply.celery.pidbox")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(members.len(), 1, "nothing was added: {members:?}");
-    // The default separator works, and without running-task counting no census is made.
+    assert_eq!(
+        all_keys(&url).await,
+        ["_kombu.binding.celery.pidbox"],
+        "nothing was added"
+    );
+    // The default separator works (and its census leaves nothing), and without running-task
+    // counting no census is made.
     let ok = meta(&[("brokerUrl", &url), ("queues", "q")]);
     assert_eq!(depth(&mut client, &ok).await.unwrap(), 0);
+    assert_eq!(
+        all_keys(&url).await,
+        ["_kombu.binding.celery.pidbox"],
+        "nothing was left"
+    );
     let off = meta(&[
         ("brokerUrl", &url),
         ("queues", "q"),

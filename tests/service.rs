@@ -16,6 +16,38 @@ use common::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
+/// The services listed by reflection `$version` (`v1`, or `v1alpha` as Python's
+/// grpcio-reflection, Evans and Postman ask), over `$channel`.
+macro_rules! reflection_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            resp.next().await.unwrap().unwrap().message_response
+        else {
+            panic!(
+                "expected a service list from reflection {}",
+                stringify!($version)
+            )
+        };
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<String>>()
+    }};
+}
+
 /// A client-side bound: an RPC that takes longer than this is a hang.
 const HANG: Duration = Duration::from_secs(10);
 
@@ -400,34 +432,21 @@ async fn health_reflection_and_admin_endpoints() {
         assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
     }
 
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut reflection = ServerReflectionClient::new(scaler.channel().await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = reflection
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        resp.next().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"externalscaler.ExternalScaler".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
-    );
+    // Both reflection versions list the same services.
+    let channel = scaler.channel().await;
+    for names in [
+        reflection_services!(v1, channel.clone()),
+        reflection_services!(v1alpha, channel),
+    ] {
+        for service in [
+            "externalscaler.ExternalScaler",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(names.contains(&service.to_string()), "{service}: {names:?}");
+        }
+    }
 
     let mut client = scaler.client().await;
     let err = client

@@ -86,6 +86,10 @@ impl QueueDepth {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Depth {
     pub queues: Vec<QueueDepth>,
+    /// Running, acknowledged tasks whose queue could not be resolved (exchange and routing key
+    /// match no binding, or a `headers` exchange): counted nowhere, shown by `probe`. One line
+    /// per task; empty when the query did not count running tasks.
+    pub unresolved: Vec<String>,
 }
 
 impl Depth {

@@ -12,6 +12,9 @@ Configured from the environment so one file serves every scenario:
 - CKS_CONFIRM_PUBLISH ("1"): the `confirm_publish` transport option (RabbitMQ).
 - CKS_QUEUE_NAME_PREFIX: the `queue_name_prefix` transport option (SQS). An sqs:// broker also
   gets `region: us-east-1` and `is_secure: False` (the local moto server speaks plain HTTP).
+- CKS_TASK_QUEUES: JSON [{"name", "exchange", "type", "routing_key"}] for custom routing:
+  `task_queues` bound to named direct/topic/fanout exchanges (publish.py declares them all
+  before publishing, so every binding exists before the first message is routed).
 """
 
 import json
@@ -59,6 +62,16 @@ if os.environ.get("CKS_QUEUE_ARGS"):
     app.conf.task_queues = [
         Queue(name, Exchange(name), routing_key=name, queue_arguments=args, durable=True)
         for name, args in json.loads(os.environ["CKS_QUEUE_ARGS"]).items()
+    ]
+
+if os.environ.get("CKS_TASK_QUEUES"):
+    app.conf.task_queues = [
+        Queue(
+            q["name"],
+            Exchange(q["exchange"], type=q.get("type", "direct")),
+            routing_key=q.get("routing_key", q["name"]),
+        )
+        for q in json.loads(os.environ["CKS_TASK_QUEUES"])
     ]
 
 

@@ -1,7 +1,9 @@
 """Publishes tasks with real Celery, as an application would.
 
     python publish.py --queue Q [--count N] [--priority P | --priorities 0-9] [--countdown S]
-                      [--seconds S] [--marker KEY]
+                      [--seconds S] [--marker KEY] [--routing-key K] [--exchange E]
+
+With CKS_TASK_QUEUES, every configured queue is declared (and bound) first.
 
 Prints the number of tasks published. The app is configured from the environment (cks_app).
 """
@@ -27,7 +29,18 @@ def main():
     p.add_argument("--countdown", type=float)
     p.add_argument("--seconds", type=float, default=0.0, help="how long each task sleeps")
     p.add_argument("--marker")
+    p.add_argument("--routing-key", help="routing key (default: the queue's own)")
+    p.add_argument(
+        "--exchange",
+        help="exchange (with --routing-key; without both Celery sends a direct queue's tasks "
+        "through the default exchange)",
+    )
     a = p.parse_args()
+
+    if os.environ.get("CKS_TASK_QUEUES"):
+        with app.connection_for_write() as conn:
+            for q in app.conf.task_queues:
+                q(conn.default_channel).declare()
 
     if a.priorities:
         lo, hi = (int(x) for x in a.priorities.split("-"))
@@ -41,6 +54,10 @@ def main():
             options = {"queue": a.queue, "producer": producer}
             if pri is not None:
                 options["priority"] = pri
+            if a.exchange is not None:
+                options["exchange"] = a.exchange
+            if a.routing_key is not None:
+                options["routing_key"] = a.routing_key
             if a.countdown is not None:
                 options["countdown"] = a.countdown
             sleep.apply_async(args=(a.seconds, a.marker), **options)

@@ -352,6 +352,8 @@ pub struct CeleryConf {
     pub confirm_publish: bool,
     /// kombu's SQS `queue_name_prefix`.
     pub queue_name_prefix: Option<String>,
+    /// JSON [{"name", "exchange", "type", "routing_key"}]: custom routing (`task_queues`).
+    pub task_queues: Option<String>,
 }
 
 impl CeleryConf {
@@ -380,6 +382,7 @@ impl CeleryConf {
         opt(cmd, "CKS_MASTER_NAME", &self.master_name);
         opt(cmd, "CKS_QUEUE_ARGS", &self.queue_args);
         opt(cmd, "CKS_QUEUE_NAME_PREFIX", &self.queue_name_prefix);
+        opt(cmd, "CKS_TASK_QUEUES", &self.task_queues);
         cmd.env(
             "CKS_CONFIRM_PUBLISH",
             if self.confirm_publish { "1" } else { "0" },
@@ -403,6 +406,16 @@ impl CeleryConf {
             .trim()
             .parse()
             .expect("publish.py prints a count")
+    }
+
+    /// Runs `celery -A cks_app inspect <args>` (real Celery remote control), bounded.
+    pub fn inspect(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "celery", "-A", "cks_app", "inspect"])
+            .args(args)
+            .stdin(Stdio::null());
+        self.apply(&mut cmd);
+        cmd.output().expect("celery inspect runs")
     }
 
     /// Starts a real Celery worker (threads pool) consuming `queues`.
@@ -580,7 +593,7 @@ pub fn management_base() -> String {
         .to_string()
 }
 
-fn http() -> reqwest::Client {
+pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -1149,6 +1162,14 @@ impl ScalerProcess {
         rss_kib(self.child.id())
     }
 
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stdout.take();
+        self.stderr.take();
+    }
+
     /// SIGTERM, then waits (bounded) for the exit and the collected output.
     pub fn terminate(mut self) -> ScalerExit {
         let _ = Command::new("kill")
@@ -1187,19 +1208,40 @@ impl Drop for ScalerProcess {
 // ---------------------------------------------------------------- RabbitMQ management helpers
 
 impl Vhost {
-    /// Drops every message of `queue` (management API `DELETE .../contents`).
-    pub async fn purge(&self, queue: &str) {
-        let r = http()
-            .delete(format!(
-                "{}/api/queues/{}/{queue}/contents",
-                management_base(),
-                self.name
-            ))
+    /// `method` on the management API's `/api/<what>/<vhost><rest>`, as guest.
+    pub async fn management(
+        &self,
+        method: reqwest::Method,
+        what: &str,
+        rest: &str,
+    ) -> reqwest::Response {
+        http()
+            .request(
+                method,
+                format!("{}/api/{what}/{}{rest}", management_base(), self.name),
+            )
             .basic_auth("guest", Some("guest"))
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Drops every message of `queue` (management API `DELETE .../contents`).
+    pub async fn purge(&self, queue: &str) {
+        let path = format!("/{queue}/contents");
+        let r = self
+            .management(reqwest::Method::DELETE, "queues", &path)
+            .await;
         assert!(r.status().is_success(), "purge {queue}: {}", r.status());
+    }
+
+    /// Removes the binding of `queue` to `exchange` by `key` (no arguments).
+    pub async fn unbind(&self, exchange: &str, queue: &str, key: &str) {
+        let path = format!("/e/{exchange}/q/{queue}/{key}");
+        let r = self
+            .management(reqwest::Method::DELETE, "bindings", &path)
+            .await;
+        assert!(r.status().is_success(), "unbind {queue}: {}", r.status());
     }
 
     /// Creates RabbitMQ user `user` with `password` and `tags` (e.g. `monitoring`), with full

@@ -2,9 +2,11 @@
 //! per broker (re-established after a failure), in-flight counts (`messages_unacknowledged`) from
 //! the management HTTP API.
 
+mod routing;
 mod target;
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +20,9 @@ use tokio::sync::Mutex;
 
 pub use target::{AmqpTls, Management, RabbitTarget, MANAGEMENT_PORT};
 
-use super::census::{active_request, Census, MAILBOX, REPLY_EXCHANGE};
+pub use routing::{BindingRow, ExchangeRow, Routes};
+
+use super::census::{new_oid, request, Census, Command, Tickets, MAILBOX, REPLY_EXCHANGE};
 use super::{Broker, ClientSettings, Depth, DepthQuery, Layout, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
 use crate::secret::{redact_urls, scrub};
@@ -37,9 +41,14 @@ pub struct RabbitBroker {
     /// The connection and a channel on it, opened on first use and after a failure.
     amqp: Mutex<Amqp>,
     http: reqwest::Client,
-    /// This client's remote-control reply queue id (kombu's `oid`).
-    oid: String,
+    /// The vhost's exchanges and bindings, and when they were read.
+    routes: Mutex<Option<(tokio::time::Instant, Arc<Routes>)>>,
 }
+
+/// The reply queue's `x-expires`: Celery's `control_queue_expires` default (10 s).
+const REPLY_QUEUE_EXPIRES_MS: u32 = 10_000;
+/// The reply queue's `x-message-ttl`: Celery's `control_queue_ttl` default (300 s).
+const REPLY_MESSAGE_TTL_MS: u32 = 300_000;
 
 #[derive(Default)]
 struct Amqp {
@@ -80,7 +89,7 @@ impl RabbitBroker {
             timeout: settings.timeout,
             amqp: Mutex::new(Amqp::default()),
             http,
-            oid: uuid::Uuid::new_v4().to_string(),
+            routes: Mutex::new(None),
         })
     }
 
@@ -208,63 +217,136 @@ impl RabbitBroker {
         Ok(channel)
     }
 
-    /// `inspect active` over kombu's AMQP pidbox: declare the mailbox and our reply queue,
-    /// broadcast, and collect the replies that arrive within `window`.
-    async fn inspect_active(&self, window: Duration) -> Result<Census> {
+    /// `inspect active` and `active_queues` over kombu's AMQP pidbox. Without the
+    /// `celery.pidbox` exchange no worker ever listened in this vhost: the census is empty and
+    /// declares nothing. Otherwise the mailbox exchanges and this process's reply queue are
+    /// declared as Celery's own `inspect` declares them (the queue exclusive and auto-delete,
+    /// `x-expires` 10 s, `x-message-ttl` 300 s), so the queue goes with the connection and
+    /// nothing of it outlives the process. Tasks that came through a named exchange are
+    /// attributed to queues through the vhost's bindings (management API).
+    async fn inspect_active(&self, layout: &RabbitLayout, window: Duration) -> Result<Census> {
+        if !self.mailbox_exists().await? {
+            return Ok(Census::default());
+        }
+        let result = self.broadcast(window).await;
+        if result.is_err() {
+            self.amqp.lock().await.census = None;
+        }
+        let mut census = result?;
+        let routed = |c: &Census| c.tasks.iter().any(|t| !t.exchange.is_empty());
+        let routes = if routed(&census) {
+            let mut routes = self.routes(&layout.management, false).await?;
+            if census.tasks.iter().any(|t| !routes.knows(&t.exchange)) {
+                // An exchange declared since the routes were read.
+                routes = self.routes(&layout.management, true).await?;
+            }
+            routes
+        } else {
+            // Every task came through the default exchange: no binding to read.
+            Arc::new(Routes::default())
+        };
+        census.resolve(|ex, rk| routes.route(ex, rk));
+        Ok(census)
+    }
+
+    /// Whether the `celery.pidbox` exchange exists (a passive declare, which writes nothing).
+    async fn mailbox_exists(&self) -> Result<bool> {
+        use lapin::options::ExchangeDeclareOptions;
+        let ch = self.channel_in(true).await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        match ch
+            .exchange_declare(
+                MAILBOX.into(),
+                lapin::ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                // The broker closes the channel on a failed passive declare.
+                self.amqp.lock().await.census = None;
+                match self.convert(e, Stage::Query) {
+                    Error::NotFound(_) => Ok(false),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+
+    /// Declares a reply queue of its own (a fresh reply id per census, so that censuses of
+    /// several layouts on one broker never take each other's replies), broadcasts both commands,
+    /// collects the replies that arrive within `window`, and deletes the queue.
+    async fn broadcast(&self, window: Duration) -> Result<Census> {
         use lapin::options::{
             BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+            QueueDeleteOptions,
         };
         use lapin::types::{AMQPValue, ShortString};
         use lapin::{BasicProperties, ExchangeKind};
-        let result = async {
-            let ch = self.channel_in(true).await?;
-            let conv = |e| self.convert(e, Stage::Query);
-            // kombu declares both exchanges transient (durable=False).
-            let transient = ExchangeDeclareOptions::default();
-            ch.exchange_declare(
-                MAILBOX.into(),
-                ExchangeKind::Fanout,
-                transient,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(conv)?;
-            ch.exchange_declare(
-                REPLY_EXCHANGE.into(),
-                ExchangeKind::Direct,
-                transient,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(conv)?;
-            let queue = format!("{}.{REPLY_EXCHANGE}", self.oid);
-            let mut args = FieldTable::default();
-            args.insert("x-expires".into(), AMQPValue::LongUInt(60_000));
-            ch.queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await
-            .map_err(conv)?;
-            ch.queue_bind(
-                queue.as_str().into(),
-                REPLY_EXCHANGE.into(),
-                self.oid.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(conv)?;
-            let ticket = uuid::Uuid::new_v4().to_string();
-            let expires = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
-                + window.as_secs_f64();
+        let ch = self.channel_in(true).await?;
+        let conv = |e| self.convert(e, Stage::Query);
+        // kombu declares both exchanges transient (durable=False).
+        let transient = ExchangeDeclareOptions::default();
+        ch.exchange_declare(
+            MAILBOX.into(),
+            ExchangeKind::Fanout,
+            transient,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(conv)?;
+        ch.exchange_declare(
+            REPLY_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            transient,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(conv)?;
+        let oid = new_oid();
+        let queue = format!("{oid}.{REPLY_EXCHANGE}");
+        // Celery's `control_queue_expires` (10 s) and `control_queue_ttl` (300 s) defaults.
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(REPLY_QUEUE_EXPIRES_MS),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongUInt(REPLY_MESSAGE_TTL_MS),
+        );
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map_err(conv)?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            REPLY_EXCHANGE.into(),
+            oid.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(conv)?;
+        let tickets = Tickets::new();
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+            + window.as_secs_f64();
+        for command in Command::ALL {
             let mut headers = FieldTable::default();
             headers.insert("clock".into(), AMQPValue::LongLongInt(1));
             headers.insert("expires".into(), AMQPValue::Double(expires));
@@ -277,42 +359,40 @@ impl RabbitBroker {
                 MAILBOX.into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &active_request(&ticket, &self.oid),
+                &request(command, tickets.of(command), &oid),
                 props,
             )
             .await
             .map_err(conv)?;
-            tokio::time::sleep(window).await;
-            let mut census = Census::default();
-            while let Some(msg) = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .map_err(conv)?
-            {
-                let same_ticket = msg
-                    .delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("ticket").cloned())
-                    .is_some_and(|t| match t {
-                        AMQPValue::LongString(s) => s.to_string() == ticket,
-                        AMQPValue::ShortString(s) => s.as_str() == ticket,
-                        _ => false,
-                    });
-                if same_ticket {
-                    census.add_reply(&msg.delivery.data);
-                }
+        }
+        tokio::time::sleep(window).await;
+        let mut census = Census::default();
+        while let Some(msg) = ch
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .map_err(conv)?
+        {
+            let ticket = msg
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("ticket").cloned())
+                .and_then(|t| match t {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+                    _ => None,
+                });
+            if let Some(ticket) = ticket {
+                tickets.add(&mut census, &ticket, &msg.delivery.data);
             }
-            // Celery's queues are bound to a direct exchange under their own name.
-            census.resolve(|_, rk| vec![rk.to_string()]);
-            Ok(census)
         }
-        .await;
-        if result.is_err() {
-            self.amqp.lock().await.census = None;
-        }
-        result
+        // As kombu's clients end: the queue goes now, not with the connection (a census cut
+        // short leaves it to the connection's end or its 10 s expiry).
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(conv)?;
+        Ok(census)
     }
 
     fn convert(&self, err: lapin::Error, stage: Stage) -> Error {
@@ -374,8 +454,32 @@ impl RabbitBroker {
 
     async fn unacked(&self, management: &Management, queue: &str) -> Result<u64> {
         let url = management.queue_url(&self.target.vhost, queue);
+        let body = self
+            .management_get(
+                management,
+                url,
+                &format!("queue `{queue}`"),
+                ("count in-flight tasks", "scaleOnInFlight"),
+            )
+            .await?;
+        // A queue whose statistics have not been emitted yet has no such field: nothing unacked.
+        Ok(body
+            .get("messages_unacknowledged")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0))
+    }
+
+    /// `GET url` on the management API, about `what` (for messages: "queue `q`"), needed to
+    /// `purpose` (for messages: "count in-flight tasks"). HTTP failures mapped to meanings.
+    async fn management_get(
+        &self,
+        management: &Management,
+        url: reqwest::Url,
+        what: &str,
+        (purpose, switch): (&str, &str),
+    ) -> Result<serde_json::Value> {
         let shown = crate::secret::redact_url(management.base.as_str());
-        let hint = "set managementUrl to the management API (port 15672, plugin rabbitmq_management) or scaleOnInFlight: \"false\"";
+        let hint = format!("set managementUrl to the management API (port 15672, plugin rabbitmq_management) or {switch}: \"false\"");
         let resp = self
             .http
             .get(url)
@@ -383,9 +487,9 @@ impl RabbitBroker {
             .send()
             .await
             .map_err(|e| {
-                let what = if e.is_timeout() { "did not answer in time" } else { "cannot be reached" };
+                let failed = if e.is_timeout() { "did not answer in time" } else { "cannot be reached" };
                 let msg = format!(
-                    "RabbitMQ management API {shown} {what} ({}); it is needed to count in-flight tasks: {hint}",
+                    "RabbitMQ management API {shown} {failed} ({}); it is needed to {purpose}: {hint}",
                     redact_urls(&without_url(&e))
                 );
                 if e.is_timeout() {
@@ -396,6 +500,7 @@ impl RabbitBroker {
             })?;
         let status = resp.status();
         let who = &management.username;
+        let vhost = &self.target.vhost;
         match status.as_u16() {
             200 => {}
             401 => {
@@ -405,35 +510,73 @@ impl RabbitBroker {
             }
             403 => {
                 return Err(Error::PermissionDenied(format!(
-                    "RabbitMQ management API {shown}: user `{who}` may not read queue `{queue}` in vhost `{}` (403): it needs the `monitoring` tag and read access to the vhost",
-                    self.target.vhost
+                    "RabbitMQ management API {shown}: user `{who}` may not read {what} in vhost `{vhost}` (403): it needs the `monitoring` tag and read access to the vhost"
                 )))
             }
             404 => {
                 return Err(Error::NotFound(format!(
-                    "RabbitMQ queue `{queue}` does not exist in vhost `{}` (management API {shown})",
-                    self.target.vhost
+                    "RabbitMQ {what} does not exist in vhost `{vhost}` (management API {shown})"
                 )))
             }
             code => {
                 return Err(Error::Unavailable(format!(
-                    "RabbitMQ management API {shown} answered HTTP {code} for queue `{queue}`"
+                    "RabbitMQ management API {shown} answered HTTP {code} for {what}"
                 )))
             }
         }
-        let body: serde_json::Value = resp.json().await.map_err(|e| {
+        resp.json().await.map_err(|e| {
             Error::Internal(format!(
-                "RabbitMQ management API {shown}: unreadable answer for queue `{queue}`: {}",
+                "RabbitMQ management API {shown}: unreadable answer for {what}: {}",
                 without_url(&e)
             ))
-        })?;
-        // A queue whose statistics have not been emitted yet has no such field: nothing unacked.
-        Ok(body
-            .get("messages_unacknowledged")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0))
+        })
+    }
+
+    /// The vhost's exchanges and bindings, at most [`ROUTES_TTL`] old (`fresh`: read now).
+    async fn routes(&self, management: &Management, fresh: bool) -> Result<Arc<Routes>> {
+        if let Some((at, routes)) = self.routes.lock().await.as_ref() {
+            if !fresh && at.elapsed() < ROUTES_TTL {
+                return Ok(routes.clone());
+            }
+        }
+        let vhost = &self.target.vhost;
+        let purpose = (
+            "find the queue each running task came from",
+            "scaleOnRunning",
+        );
+        let (exchanges, bindings) = futures::future::try_join(
+            self.management_get(
+                management,
+                management.exchanges_url(vhost),
+                "the exchange list",
+                purpose,
+            ),
+            self.management_get(
+                management,
+                management.bindings_url(vhost),
+                "the binding list",
+                purpose,
+            ),
+        )
+        .await?;
+        let unreadable = |e: serde_json::Error| {
+            Error::Internal(format!(
+                "RabbitMQ management API {}: unreadable exchange or binding list: {e}",
+                crate::secret::redact_url(management.base.as_str())
+            ))
+        };
+        let routes = Arc::new(Routes::new(
+            serde_json::from_value(exchanges).map_err(unreadable)?,
+            serde_json::from_value(bindings).map_err(unreadable)?,
+        ));
+        *self.routes.lock().await = Some((tokio::time::Instant::now(), routes.clone()));
+        Ok(routes)
     }
 }
+
+/// How long the vhost's exchanges and bindings are reused: Celery declares its routing once at
+/// worker start, and a census every few seconds need not list them every time.
+const ROUTES_TTL: Duration = Duration::from_secs(10);
 
 /// Shuts its socket down when dropped, unless emptied first.
 struct ShutdownOnDrop(Option<std::net::TcpStream>);
@@ -463,8 +606,13 @@ fn without_url(e: &reqwest::Error) -> String {
 
 #[async_trait]
 impl Broker for RabbitBroker {
-    async fn census(&self, _layout: &Layout, window: Duration) -> Result<Option<Census>> {
-        self.inspect_active(window).await.map(Some)
+    async fn census(&self, layout: &Layout, window: Duration) -> Result<Option<Census>> {
+        let Layout::RabbitMq(layout) = layout else {
+            return Err(Error::Internal(
+                "RabbitMQ broker given a layout of another broker".into(),
+            ));
+        };
+        self.inspect_active(layout, window).await.map(Some)
     }
 
     async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
@@ -515,6 +663,7 @@ impl Broker for RabbitBroker {
                     running_workers: Vec::new(),
                 })
                 .collect(),
+            unresolved: Vec::new(),
         })
     }
 }

@@ -236,14 +236,45 @@ impl Management {
 
     /// `GET /api/queues/{vhost}/{name}` for one queue.
     pub fn queue_url(&self, vhost: &str, queue: &str) -> Url {
-        let enc = |s: &str| {
-            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-        };
+        self.api_url(
+            &["queues", vhost, queue],
+            "name,messages_ready,messages_unacknowledged",
+        )
+    }
+
+    /// `GET /api/exchanges/{vhost}`: every exchange's name and type.
+    pub fn exchanges_url(&self, vhost: &str) -> Url {
+        self.api_url(&["exchanges", vhost], "name,type")
+    }
+
+    /// `GET /api/bindings/{vhost}`: every binding of the vhost.
+    pub fn bindings_url(&self, vhost: &str) -> Url {
+        self.api_url(
+            &["bindings", vhost],
+            "source,destination,destination_type,routing_key",
+        )
+    }
+
+    /// `api/` + the percent-encoded `segments` (the first one is the collection), asking only
+    /// for `columns`.
+    fn api_url(&self, segments: &[&str], columns: &str) -> Url {
+        let mut path = String::from("api");
+        for (i, s) in segments.iter().enumerate() {
+            path.push('/');
+            if i == 0 {
+                path.push_str(s);
+            } else {
+                path.push_str(
+                    &percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string(),
+                );
+            }
+        }
         let mut url = self
             .base
-            .join(&format!("api/queues/{}/{}", enc(vhost), enc(queue)))
+            .join(&path)
             .expect("an encoded path joins a base URL");
-        url.set_query(Some("columns=name,messages_ready,messages_unacknowledged"));
+        url.set_query(Some(&format!("columns={columns}")));
         url
     }
 }

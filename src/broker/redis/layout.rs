@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use serde::de::IgnoredAny;
 
+use crate::broker::census::topic_matches;
+
 /// kombu's default `priority_steps`.
 pub const DEFAULT_PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 /// kombu's default separator between a queue name and its priority step (`sep`).
@@ -125,22 +127,6 @@ pub fn route<'a>(
         })
         .map(|b| b.queue.as_str())
         .collect()
-}
-
-/// AMQP topic matching: `*` is one word, `#` is zero or more words, words split on `.`.
-pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match (p.first(), k.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
-            (Some(pw), Some(kw)) if pw == kw => go(&p[1..], &k[1..]),
-            _ => false,
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
 }
 
 /// Parses `\xHH` and `\\` escapes, so a YAML value `\x06\x16` means kombu's default separator.
@@ -271,16 +257,6 @@ mod tests {
         assert_eq!(route("tasks", "orders.eu", &tables), ["orders"]);
         assert!(route("tasks", "other", &tables).is_empty());
         assert!(route("unknown", "celery", &tables).is_empty());
-    }
-
-    #[test]
-    fn topic_patterns() {
-        assert!(topic_matches("a.*.c", "a.b.c"));
-        assert!(!topic_matches("a.*", "a.b.c"));
-        assert!(topic_matches("a.#", "a.b.c"));
-        assert!(topic_matches("a.#", "a"));
-        assert!(topic_matches("#", ""));
-        assert!(!topic_matches("a.b", "a.c"));
     }
 
     #[test]

@@ -241,6 +241,9 @@ impl Broker for SqsBroker {
                 .map(|q| self.read(&layout.queue_name_prefix, q, query.in_flight)),
         )
         .await?;
-        Ok(Depth { queues })
+        Ok(Depth {
+            queues,
+            unresolved: Vec::new(),
+        })
     }
 }
