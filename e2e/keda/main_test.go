@@ -95,7 +95,7 @@ func runMain(m *testing.M) int {
 	defer kube.Stop()
 	logf("Control plane and KEDA ready in %s (work dir %s)", time.Since(start).Round(time.Millisecond), workDir)
 
-	scaler, err = startScaler(need["CKS_SCALER_BIN"], "scaler", nil)
+	scaler, err = startScaler(need["CKS_SCALER_BIN"], "scaler", []string{"--result-window", scalerResultWindow.String()})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
@@ -389,11 +389,21 @@ func setImage(t testing.TB, o *unstructured.Unstructured) {
 	set(t, o, containers, path...)
 }
 
+// apply server-side applies objects into ns. ScaledObjects and ScaledJobs are deleted when the
+// test ends, so that no later test shares the broker with their polls and streams.
 func apply(t testing.TB, ns string, objs ...*unstructured.Unstructured) {
 	t.Helper()
 	for _, o := range objs {
-		if _, err := kube.Apply(context.Background(), ns, o); err != nil {
+		applied, err := kube.Apply(context.Background(), ns, o)
+		if err != nil {
 			t.Fatalf("apply %s %s in %s: %v", o.GetKind(), o.GetName(), ns, err)
+		}
+		gvr := map[string]schema.GroupVersionResource{"ScaledObject": scaledObjectGVR, "ScaledJob": scaledJobGVR}[o.GetKind()]
+		if o.GetAPIVersion() == "keda.sh/v1alpha1" && gvr.Resource != "" {
+			name, namespace := applied.GetName(), applied.GetNamespace()
+			t.Cleanup(func() {
+				_ = kube.Dynamic.Resource(gvr).Namespace(namespace).Delete(context.Background(), name, metav1.DeleteOptions{})
+			})
 		}
 	}
 }
