@@ -285,6 +285,12 @@ func (p *publisher) purge(t testing.TB, queues ...string) {
 // startWorker runs a real Celery worker (threads pool) on queues until the test ends.
 func startWorker(t testing.TB, brokerURL string, queues []string, concurrency int) {
 	t.Helper()
+	startWorkerEnv(t, brokerURL, queues, concurrency, "CKS_MARKER_REDIS="+brokerURL)
+}
+
+// startWorkerEnv is startWorker with extra environment (cks_app settings such as CKS_PREFETCH).
+func startWorkerEnv(t testing.TB, brokerURL string, queues []string, concurrency int, env ...string) {
+	t.Helper()
 	logPath := filepath.Join(workDir, "logs", strings.ReplaceAll(t.Name(), "/", "_")+"-worker.log")
 	f, err := os.Create(logPath)
 	if err != nil {
@@ -295,7 +301,7 @@ func startWorker(t testing.TB, brokerURL string, queues []string, concurrency in
 		"-n", fmt.Sprintf("e2e-%d@localhost", time.Now().UnixNano()),
 		"--without-mingle", "--without-gossip", "-l", "info")
 	cmd.Dir = filepath.Join(repoRoot, "tests", "celery_app")
-	cmd.Env = append(os.Environ(), "CKS_BROKER="+brokerURL, "CKS_MARKER_REDIS="+brokerURL)
+	cmd.Env = append(append(os.Environ(), "CKS_BROKER="+brokerURL), env...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -201,9 +201,15 @@ func TestRedisScaleBackToZero(t *testing.T) {
 // every task), using the scaler's own probe command, and returns when it first did.
 func waitDepthZero(t testing.TB, broker string) time.Time {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
+	return waitDepthZeroQueues(t, broker, "celery,priority")
+}
+
+// waitDepthZeroQueues is waitDepthZero for other queues and extra probe metadata.
+func waitDepthZeroQueues(t testing.TB, broker, queues string, extra ...string) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
 	for {
-		depth, err := probeDepth(broker, "celery,priority")
+		depth, err := probeDepth(broker, queues, extra...)
 		if err == nil && depth == 0 {
 			return time.Now()
 		}
@@ -253,8 +259,9 @@ func writeResult(t testing.TB, name string, fields map[string]any) {
 
 // probeDepth runs the scaler's `probe` command (one reading with the default counters: ready, in
 // flight and running) and returns the total over the queues.
-func probeDepth(broker, queues string) (int, error) {
-	out, err := exec.Command(os.Getenv("CKS_SCALER_BIN"), "probe", "brokerUrl="+broker, "queues="+queues).CombinedOutput()
+func probeDepth(broker, queues string, extra ...string) (int, error) {
+	args := append([]string{"probe", "brokerUrl=" + broker, "queues=" + queues}, extra...)
+	out, err := exec.Command(os.Getenv("CKS_SCALER_BIN"), args...).CombinedOutput()
 	if err != nil {
 		return -1, fmt.Errorf("probe: %v: %s", err, out)
 	}

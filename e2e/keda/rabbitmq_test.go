@@ -1,0 +1,124 @@
+package e2e
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+)
+
+// rabbitWorker loads deploy/examples/rabbitmq/worker.yaml with what this machine needs changed:
+// the Secret's URL (a vhost of the test), the image, scalerAddress and managementUrl.
+func rabbitWorker(t testing.TB, amqp, mgmt string) (secret, deployment, so *unstructured.Unstructured) {
+	t.Helper()
+	objs := readExample(t, "deploy/examples/rabbitmq/worker.yaml")
+	secret, deployment, so = find(t, objs, "Secret"), find(t, objs, "Deployment"), find(t, objs, "ScaledObject")
+	set(t, secret, amqp, "stringData", "url")
+	setImage(t, deployment)
+	setTrigger(t, so, "scalerAddress", scaler.Addr)
+	setTrigger(t, so, "managementUrl", mgmt)
+	return secret, deployment, so
+}
+
+// builtinRabbit is KEDA's own `rabbitmq` scaler (QueueLength over AMQP, as a user would set it)
+// on its own copy of the Deployment.
+func builtinRabbit(t testing.TB, deployment *unstructured.Unstructured, amqp, queue string, value int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
+	t.Helper()
+	dep, so = builtinRedis(t, "", deployment, queue, value, cooldown, polling)
+	set(t, so, []any{map[string]any{
+		"type":     "rabbitmq",
+		"metadata": map[string]any{"host": amqp, "queueName": queue, "mode": "QueueLength", "value": fmt.Sprint(value), "protocol": "amqp"},
+	}}, "spec", "triggers")
+	so.SetName("builtin-rabbitmq-worker")
+	dep.SetName("builtin-rabbitmq-worker")
+	set(t, so, "builtin-rabbitmq-worker", "spec", "scaleTargetRef", "name")
+	labels := map[string]any{"app.kubernetes.io/name": "builtin-rabbitmq-worker"}
+	set(t, dep, labels, "spec", "selector", "matchLabels")
+	set(t, dep, labels, "spec", "template", "metadata", "labels")
+	return dep, so
+}
+
+// TestRabbitMQHPAScalesWithReservedTasks: 47 long tasks, a worker with concurrency 2 and prefetch
+// multiplier 4 takes 2 (acknowledged at start) and holds 8 unacknowledged: ready 37. Ours counts
+// 37 + 8 + 2 = 47 -> exactly ceil(47/5) = 10 replicas; KEDA's `rabbitmq` scaler (AMQP queue length)
+// counts the 37 ready -> 8.
+func TestRabbitMQHPAScalesWithReservedTasks(t *testing.T) {
+	ns := namespace(t, nsName(t, ""))
+	amqp, mgmt := rabbitVhost(t, ns)
+	pub := newPublisher(t, amqp)
+	secret, deployment, so := rabbitWorker(t, amqp, mgmt)
+	setTrigger(t, so, "queueLength", "5")
+	setTrigger(t, so, "queues", "celery")
+	set(t, so, int64(5), "spec", "pollingInterval")
+	bDep, bSO := builtinRabbit(t, deployment, amqp, "celery", 5, 300, 5)
+	pub.publish(t, "celery", 47, 120) // declares the queue; nothing finishes during the test
+	startWorkerEnv(t, amqp, []string{"celery"}, 2, "CKS_PREFETCH=4")
+	apply(t, ns, secret, deployment, so, bDep, bSO)
+	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
+	ours, builtin := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, bDep.GetName())
+	if _, ok := ours.waitFor(10, 120*time.Second); !ok {
+		t.Fatalf("47 tasks (37 ready, 8 reserved, 2 running): replicas %d, want 10; %v\n%s", ours.current().Replicas, ours.changes(), describe(ns, scaledObjectGVR, so.GetName()))
+	}
+	if _, ok := builtin.waitFor(8, 120*time.Second); !ok {
+		t.Fatalf("KEDA's rabbitmq scaler: replicas %d, want 8 (37 ready); %v\n%s", builtin.current().Replicas, builtin.changes(), describe(ns, scaledObjectGVR, bSO.GetName()))
+	}
+	t.Logf("ours %v; KEDA's rabbitmq scaler %v", ours.changes(), builtin.changes())
+	writeResult(t, "rabbitmq_hpa_reserved", map[string]any{"ours_replicas": 10, "builtin_rabbitmq_replicas": builtin.current().Replicas})
+	pub.purge(t, "celery")
+}
+
+// TestRabbitMQNeverToZeroUnderRunningTasks: as the Redis scenario, on RabbitMQ: two 45 s early-ack
+// tasks run, the queue is empty; ours keeps 1 replica until they finish, KEDA's `rabbitmq`
+// scaler goes to 0 under them.
+func TestRabbitMQNeverToZeroUnderRunningTasks(t *testing.T) {
+	const cooldown, polling, taskSeconds = 10, 5, 45
+	ns := namespace(t, nsName(t, ""))
+	amqp, mgmt := rabbitVhost(t, ns)
+	pub := newPublisher(t, amqp)
+	secret, deployment, so := rabbitWorker(t, amqp, mgmt)
+	setTrigger(t, so, "queues", "celery")
+	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
+	set(t, so, int64(polling), "spec", "pollingInterval")
+	bDep, bSO := builtinRabbit(t, deployment, amqp, "celery", 10, cooldown, polling)
+	marker := fmt.Sprintf("cks-e2e-started-%d", time.Now().UnixNano())
+	pub.do(t, map[string]any{"op": "publish", "queue": "celery", "count": 2, "seconds": taskSeconds, "marker": marker})
+	apply(t, ns, secret, deployment, so, bDep, bSO)
+	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
+	ours, builtin := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, bDep.GetName())
+	for name, rw := range map[string]*replicaWatch{"ours": ours, "KEDA's rabbitmq scaler": builtin} {
+		if _, ok := rw.waitFor(1, 30*time.Second); !ok {
+			t.Fatalf("%s: two tasks queued, replicas %d, want 1", name, rw.current().Replicas)
+		}
+	}
+	markers := newPublisher(t, fmt.Sprintf("%s/%d", redisURL, e2eRedisDB))
+	startWorkerEnv(t, amqp, []string{"celery"}, 2, fmt.Sprintf("CKS_MARKER_REDIS=%s/%d", redisURL, e2eRedisDB))
+	waitStarted(t, markers, marker, 2)
+	started := time.Now()
+	ended := waitDepthZeroQueues(t, amqp, "celery", "managementUrl="+mgmt)
+	if ended.Before(started.Add((taskSeconds - 2) * time.Second)) {
+		t.Fatalf("the scaler read 0 at %s, before the tasks could finish", ended.Format("15:04:05"))
+	}
+	for _, c := range ours.changes() {
+		if c.Replicas == 0 && c.At.After(started) && c.At.Before(ended) {
+			t.Fatalf("ours went to 0 at %s while tasks ran: %v", c.At.Format("15:04:05.000"), ours.changes())
+		}
+	}
+	if _, ok := ours.waitFor(0, time.Duration(cooldown+3*polling+30)*time.Second); !ok {
+		t.Fatalf("tasks done, replicas still %d", ours.current().Replicas)
+	}
+	exposed := 0.0
+	for _, c := range builtin.changes() {
+		if c.Replicas == 0 && c.At.After(started) && c.At.Before(ended) {
+			exposed = ended.Sub(c.At).Seconds()
+			break
+		}
+	}
+	t.Logf("ours %v; KEDA's rabbitmq scaler %v, scaled in under running tasks for %.1f s", ours.changes(), builtin.changes(), exposed)
+	writeResult(t, "rabbitmq_running_tasks", map[string]any{"ours_exposed_s": 0, "builtin_rabbitmq_exposed_s": exposed})
+	if exposed == 0 {
+		t.Fatalf("KEDA's rabbitmq scaler was expected to scale in while the tasks ran: %v", builtin.changes())
+	}
+}
