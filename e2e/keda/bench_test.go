@@ -27,31 +27,27 @@ func BenchmarkActivation(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("CKS_E2E_BENCH_TRIALS")); err == nil && v > 0 {
 		trials = v
 	}
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	variants := []struct {
 		name    string
 		polling int64
 		make    func(ns string, deployment *unstructured.Unstructured) *unstructured.Unstructured
 	}{
 		{"ours external-push", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return benchScaledObject(d.GetName(), "external-push", 30, map[string]any{
+			return newScaledObject("bench", d.GetName(), "external-push", 30, 300, map[string]any{
 				"scalerAddress": scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
 			})
 		}},
 		{"ours external, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return benchScaledObject(d.GetName(), "external", 5, map[string]any{
+			return newScaledObject("bench", d.GetName(), "external", 5, 300, map[string]any{
 				"scalerAddress": scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
 			})
 		}},
 		{"KEDA redis, pollingInterval 30 s", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return benchScaledObject(d.GetName(), "redis", 30, map[string]any{
-				"address": redisURL[len("redis://"):], "listName": "celery", "listLength": "10", "databaseIndex": fmt.Sprint(e2eRedisDB),
-			})
+			return newScaledObject("bench", d.GetName(), "redis", 30, 300, builtinRedisMetadata("celery", 10))
 		}},
 		{"KEDA redis, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return benchScaledObject(d.GetName(), "redis", 5, map[string]any{
-				"address": redisURL[len("redis://"):], "listName": "celery", "listLength": "10", "databaseIndex": fmt.Sprint(e2eRedisDB),
-			})
+			return newScaledObject("bench", d.GetName(), "redis", 5, 300, builtinRedisMetadata("celery", 10))
 		}},
 	}
 	for n := 0; n < b.N; n++ {
@@ -98,17 +94,4 @@ func BenchmarkActivation(b *testing.B) {
 			writeResult(b, "activation", map[string]any{"variant": v.name, "trials": len(lat), "p50_ms": ms(p50), "p90_ms": ms(p90), "max_ms": ms(lat[len(lat)-1])})
 		}
 	}
-}
-
-func benchScaledObject(target, kind string, polling int64, md map[string]any) *unstructured.Unstructured {
-	return &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-		"metadata": map[string]any{"name": "bench"},
-		"spec": map[string]any{
-			"scaleTargetRef":  map[string]any{"name": target},
-			"minReplicaCount": int64(0), "maxReplicaCount": int64(20),
-			"pollingInterval": polling, "cooldownPeriod": int64(300),
-			"triggers": []any{map[string]any{"type": kind, "metadata": md}},
-		},
-	}}
 }

@@ -754,7 +754,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 
 	// Readings by KEDA on the suite's scaler.
 	queue := "helm-metrics"
-	pub := newPublisher(t, fmt.Sprintf("%s/%d", redisURL, e2eRedisDB))
+	pub := newPublisher(t, e2eBroker())
 	pub.purge(t, queue)
 	t.Cleanup(func() { pub.purge(t, queue) })
 	pub.publish(t, queue, 3, 0)

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"net/http"
 	"os"
 	"strings"
@@ -48,7 +47,7 @@ func rabbitVhost(t testing.TB, name string) (amqpURL, managementURL string) {
 //   - a queue missing on RabbitMQ (a reading fails): KEDAScalerFailed event with NOT_FOUND naming
 //     the queue; the queue declared by Celery -> 1.
 func TestMistakesAreShownAndFixed(t *testing.T) {
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	pub.publish(t, "celery", 1, 0)

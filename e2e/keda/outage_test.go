@@ -76,11 +76,7 @@ func TestRedisBrokerOutage(t *testing.T) {
 	secret, deployment, plain := exampleWorker(t)
 	set(t, secret, broker, "stringData", "url")
 	setTrigger(t, plain, "queues", "celery")
-	plainDep := deployment.DeepCopy()
-	plainDep.SetName("celery-worker-plain")
-	labels := map[string]any{"app.kubernetes.io/name": "celery-worker-plain"}
-	set(t, plainDep, labels, "spec", "selector", "matchLabels")
-	set(t, plainDep, labels, "spec", "template", "metadata", "labels")
+	plainDep := copyDeployment(t, deployment, "celery-worker-plain")
 	plain.SetName("celery-worker-plain")
 	set(t, plain, "celery-worker-plain", "spec", "scaleTargetRef", "name")
 	fb := find(t, readExample(t, "deploy/examples/redis/fallback.yaml"), "ScaledObject")

@@ -21,22 +21,14 @@ func rabbitWorker(t testing.TB, amqp, mgmt string) (secret, deployment, so *unst
 	return secret, deployment, so
 }
 
-// builtinRabbit is KEDA's own `rabbitmq` scaler (QueueLength over AMQP, as a user would set it)
-// on its own copy of the Deployment.
+// builtinRabbit is a copy of the example's Deployment scaled by KEDA's own `rabbitmq` scaler
+// (QueueLength over AMQP, as a user would set it).
 func builtinRabbit(t testing.TB, deployment *unstructured.Unstructured, amqp, queue string, value int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
 	t.Helper()
-	dep, so = builtinRedis(t, "", deployment, queue, value, cooldown, polling)
-	set(t, so, []any{map[string]any{
-		"type":     "rabbitmq",
-		"metadata": map[string]any{"host": amqp, "queueName": queue, "mode": "QueueLength", "value": fmt.Sprint(value), "protocol": "amqp"},
-	}}, "spec", "triggers")
-	so.SetName("builtin-rabbitmq-worker")
-	dep.SetName("builtin-rabbitmq-worker")
-	set(t, so, "builtin-rabbitmq-worker", "spec", "scaleTargetRef", "name")
-	labels := map[string]any{"app.kubernetes.io/name": "builtin-rabbitmq-worker"}
-	set(t, dep, labels, "spec", "selector", "matchLabels")
-	set(t, dep, labels, "spec", "template", "metadata", "labels")
-	return dep, so
+	dep = copyDeployment(t, deployment, "builtin-rabbitmq-worker")
+	return dep, newScaledObject(dep.GetName(), dep.GetName(), "rabbitmq", polling, cooldown, map[string]any{
+		"host": amqp, "queueName": queue, "mode": "QueueLength", "value": fmt.Sprint(value), "protocol": "amqp",
+	})
 }
 
 // TestRabbitMQHPAScalesWithReservedTasks: 47 long tasks, a worker with concurrency 2 and prefetch
@@ -93,7 +85,7 @@ func TestRabbitMQNeverToZeroUnderRunningTasks(t *testing.T) {
 			t.Fatalf("%s: two tasks queued, replicas %d, want 1", name, rw.current().Replicas)
 		}
 	}
-	markers := newPublisher(t, fmt.Sprintf("%s/%d", redisURL, e2eRedisDB))
+	markers := newPublisher(t, e2eBroker())
 	startWorkerEnv(t, amqp, []string{"celery"}, 2, fmt.Sprintf("CKS_MARKER_REDIS=%s/%d", redisURL, e2eRedisDB))
 	waitStarted(t, markers, marker, 2)
 	started := time.Now()

@@ -30,6 +30,9 @@ var e2eRedisDB = func() int {
 	return 15
 }()
 
+// e2eBroker is the suite's Redis database as a Celery broker URL.
+func e2eBroker() string { return fmt.Sprintf("%s/%d", redisURL, e2eRedisDB) }
+
 // exampleWorker loads deploy/examples/redis/worker.yaml with only what this machine needs changed:
 // the broker URL in the Secret (our Redis), the image (never pulled: no kubelet) and scalerAddress.
 func exampleWorker(t testing.TB) (secret, deployment, scaledObject *unstructured.Unstructured) {
@@ -39,7 +42,7 @@ func exampleWorker(t testing.TB) (secret, deployment, scaledObject *unstructured
 		t.Fatalf("deploy/examples/redis/worker.yaml has %d objects, the scenario expects Secret, Deployment, ScaledObject", len(objs))
 	}
 	secret, deployment, scaledObject = find(t, objs, "Secret"), find(t, objs, "Deployment"), find(t, objs, "ScaledObject")
-	set(t, secret, fmt.Sprintf("%s/%d", redisURL, e2eRedisDB), "stringData", "url")
+	set(t, secret, e2eBroker(), "stringData", "url")
 	setImage(t, deployment)
 	setTrigger(t, scaledObject, "scalerAddress", scaler.Addr)
 	return secret, deployment, scaledObject
@@ -69,7 +72,7 @@ func TestRedisPushFromZero(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("CKS_E2E_PUSH_TRIALS")); err == nil && v > 0 {
 		trials = v
 	}
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	ctx := context.Background()
 	var latencies []time.Duration
@@ -159,7 +162,7 @@ func waitHPAMetric(t testing.TB, ns, name string, want int64) {
 // the scenario takes a minute; nothing else changes.
 func TestRedisScaleBackToZero(t *testing.T) {
 	const cooldown, polling = 20 * time.Second, 5 * time.Second
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	ns := namespace(t, nsName(t, ""))

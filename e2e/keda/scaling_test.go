@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -10,39 +11,49 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
-// builtinRedis makes a copy of the example's Deployment and a ScaledObject for KEDA's own `redis`
-// scaler on the same list: the comparison the README's table makes, measured in the same run.
-func builtinRedis(t testing.TB, ns string, deployment *unstructured.Unstructured, list string, listLength int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
+// copyDeployment copies the example's Deployment under another name, with its own pod labels:
+// an HPA refuses to act on pods another HPA also selects.
+func copyDeployment(t testing.TB, deployment *unstructured.Unstructured, name string) *unstructured.Unstructured {
 	t.Helper()
-	dep = deployment.DeepCopy()
-	dep.SetName("builtin-redis-worker")
-	// Its own pods: an HPA refuses to act on pods another HPA also selects.
-	labels := map[string]any{"app.kubernetes.io/name": "builtin-redis-worker"}
-	dep.SetLabels(map[string]string{"app.kubernetes.io/name": "builtin-redis-worker"})
+	dep := deployment.DeepCopy()
+	dep.SetName(name)
+	labels := map[string]any{"app.kubernetes.io/name": name}
+	dep.SetLabels(map[string]string{"app.kubernetes.io/name": name})
 	set(t, dep, labels, "spec", "selector", "matchLabels")
 	set(t, dep, labels, "spec", "template", "metadata", "labels")
-	so = &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": "keda.sh/v1alpha1",
-		"kind":       "ScaledObject",
-		"metadata":   map[string]any{"name": "builtin-redis-worker", "namespace": ns},
+	return dep
+}
+
+// newScaledObject is a ScaledObject with one trigger, scaling target from 0 to 20 replicas.
+func newScaledObject(name, target, kind string, polling, cooldown int64, md map[string]any) *unstructured.Unstructured {
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+		"metadata": map[string]any{"name": name},
 		"spec": map[string]any{
-			"scaleTargetRef":  map[string]any{"name": "builtin-redis-worker"},
-			"minReplicaCount": int64(0),
-			"maxReplicaCount": int64(20),
-			"cooldownPeriod":  cooldown,
-			"pollingInterval": polling,
-			"triggers": []any{map[string]any{
-				"type": "redis",
-				"metadata": map[string]any{
-					"address":       redisURL[len("redis://"):],
-					"listName":      list,
-					"listLength":    fmt.Sprint(listLength),
-					"databaseIndex": fmt.Sprint(e2eRedisDB),
-				},
-			}},
+			"scaleTargetRef":  map[string]any{"name": target},
+			"minReplicaCount": int64(0), "maxReplicaCount": int64(20),
+			"pollingInterval": polling, "cooldownPeriod": cooldown,
+			"triggers": []any{map[string]any{"type": kind, "metadata": md}},
 		},
 	}}
-	return dep, so
+}
+
+// builtinRedisMetadata is KEDA's own `redis` scaler on a list of the suite's database.
+func builtinRedisMetadata(list string, listLength int) map[string]any {
+	return map[string]any{
+		"address":       strings.TrimPrefix(redisURL, "redis://"),
+		"listName":      list,
+		"listLength":    fmt.Sprint(listLength),
+		"databaseIndex": fmt.Sprint(e2eRedisDB),
+	}
+}
+
+// builtinRedis is a copy of the example's Deployment scaled by KEDA's own `redis` scaler on the
+// same list: the comparison the README's table makes, measured in the same run.
+func builtinRedis(t testing.TB, deployment *unstructured.Unstructured, list string, listLength int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
+	t.Helper()
+	dep = copyDeployment(t, deployment, "builtin-redis-worker")
+	return dep, newScaledObject(dep.GetName(), dep.GetName(), "redis", polling, cooldown, builtinRedisMetadata(list, listLength))
 }
 
 // TestRedisHPAScalesToExactReplicas: 47 tasks, queueLength 5 -> the real HPA takes the Deployment
@@ -50,7 +61,7 @@ func builtinRedis(t testing.TB, ns string, deployment *unstructured.Unstructured
 // built-in `redis` scaler watches the same state: 20 tasks at priority 0 and 27 at priority 9 put
 // 20 in the list it reads (`celery`) and 27 in `celery\x06\x169`, so it asks for ceil(20/5) = 4.
 func TestRedisHPAScalesToExactReplicas(t *testing.T) {
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	ns := namespace(t, nsName(t, ""))
@@ -58,7 +69,7 @@ func TestRedisHPAScalesToExactReplicas(t *testing.T) {
 	setTrigger(t, so, "queueLength", "5")
 	set(t, so, int64(20), "spec", "cooldownPeriod")
 	set(t, so, int64(5), "spec", "pollingInterval")
-	bDep, bSO := builtinRedis(t, ns, deployment, "celery", 5, 20, 5)
+	bDep, bSO := builtinRedis(t, deployment, "celery", 5, 20, 5)
 	apply(t, ns, secret, deployment, so, bDep, bSO)
 	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
 	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
@@ -95,14 +106,14 @@ func TestRedisHPAScalesToExactReplicas(t *testing.T) {
 // only after they finish; KEDA's built-in `redis` scaler on the same state goes to 0 while they run.
 func TestRedisNeverToZeroUnderRunningTasks(t *testing.T) {
 	const cooldown, polling, taskSeconds = 10, 5, 45
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	ns := namespace(t, nsName(t, ""))
 	secret, deployment, so := exampleWorker(t)
 	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
 	set(t, so, int64(polling), "spec", "pollingInterval")
-	bDep, bSO := builtinRedis(t, ns, deployment, "celery", 10, cooldown, polling)
+	bDep, bSO := builtinRedis(t, deployment, "celery", 10, cooldown, polling)
 	apply(t, ns, secret, deployment, so, bDep, bSO)
 	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
 	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
@@ -178,7 +189,7 @@ func waitStarted(t testing.TB, pub *publisher, marker string, n int) {
 // Jobs never run here (no kubelet), so each stays running and the tasks stay queued: 5 tasks ->
 // exactly 5 Jobs, still 5 after three polling intervals; 3 more tasks -> 8.
 func TestRedisScaledJobRecipe(t *testing.T) {
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "reports")
 	ns := namespace(t, nsName(t, ""))
@@ -245,7 +256,7 @@ func holdJobs(t testing.TB, ns, scaledJob string, want int, period time.Duration
 // replica, and so does every later activation from 0 (five cycles of publish, drain, cooldown).
 func TestRedisPushNeverLost(t *testing.T) {
 	const cooldown, cycles = 5, 5
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	ns := namespace(t, nsName(t, ""))
@@ -293,7 +304,7 @@ func TestRedisPushNeverLost(t *testing.T) {
 // down by at most 2 pods per 15 s; KEDA takes it to 0 after cooldownPeriod.
 func TestRedisScaleDownFollowsBehavior(t *testing.T) {
 	const period = 15
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	ns := namespace(t, nsName(t, ""))

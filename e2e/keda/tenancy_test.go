@@ -21,7 +21,7 @@ func TestTenancyBrokerReservedToNamespace(t *testing.T) {
 	brokers := find(t, readExample(t, "deploy/examples/multi-team/brokers.yaml"), "Secret")
 	data, _, _ := unstructuredStringMap(brokers.Object, "stringData")
 	local := map[string]string{
-		"CELERY_KEDA_BROKER_TEAM_A": fmt.Sprintf("%s/%d", redisURL, e2eRedisDB),
+		"CELERY_KEDA_BROKER_TEAM_A": e2eBroker(),
 		"CELERY_KEDA_BROKER_TEAM_B": os.Getenv("CKS_AMQP_URL"),
 	}
 	var env []string

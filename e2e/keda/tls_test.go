@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -61,7 +60,7 @@ func TestTLSAndMutualTLS(t *testing.T) {
 	cta := find(t, readExample(t, "deploy/overlays/tls/cert-manager/cluster-trigger-authentication.yaml"), "ClusterTriggerAuthentication")
 	apply(t, "", clientSecret, cta)
 
-	broker := fmt.Sprintf("%s/%d", redisURL, e2eRedisDB)
+	broker := e2eBroker()
 	pub := newPublisher(t, broker)
 	pub.purge(t, "celery", "priority")
 	ns := namespace(t, nsName(t, ""))
