@@ -212,21 +212,7 @@ var fixtureKedaRefusal = regexp.MustCompile(`(?m)^# apiserver: accepts.*\n#.*Rea
 // waitNotReady waits for KEDA to mark a ScaledObject Ready=False with a message containing want.
 func waitNotReady(t testing.TB, ns, name, want string) string {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		u, err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Get(context.Background(), name, metav1.GetOptions{})
-		if err == nil {
-			if c := cluster.FindCondition(u, "Ready"); c != nil && c["status"] == "False" {
-				if msg, _ := c["message"].(string); strings.Contains(msg, want) {
-					return msg
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ScaledObject %s/%s: no Ready=False mentioning %q within 60s\n%s", ns, name, want, describe(ns, scaledObjectGVR, name))
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	return waitConditionMessage(t, ns, name, "Ready", "False", want, 60*time.Second)
 }
 
 // applySidecar renders deploy/overlays/sidecar against KEDA's own config/manager/manager.yaml and

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -142,19 +143,28 @@ func nestedInt(obj map[string]any, path ...string) (int64, bool, error) {
 	return 0, false, fmt.Errorf("%v is %T", path, cur)
 }
 
-// waitCondition waits for a ScaledObject condition to have the given status.
+// waitCondition waits for a ScaledObject condition to have the given status (within 90 s).
 func waitCondition(t testing.TB, ns, name, condition, status string) {
 	t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	waitConditionMessage(t, ns, name, condition, status, "", 90*time.Second)
+}
+
+// waitConditionMessage waits for a ScaledObject condition with the given status whose message
+// contains want, and returns the message.
+func waitConditionMessage(t testing.TB, ns, name, condition, status, want string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
 		u, err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Get(context.Background(), name, metav1.GetOptions{})
 		if err == nil {
 			if c := cluster.FindCondition(u, condition); c != nil && c["status"] == status {
-				return
+				if msg, _ := c["message"].(string); strings.Contains(msg, want) {
+					return msg
+				}
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("ScaledObject %s/%s: no %s=%s within 90s\n%s", ns, name, condition, status, describe(ns, scaledObjectGVR, name))
+			t.Fatalf("ScaledObject %s/%s: no %s=%s mentioning %q within %s\n%s", ns, name, condition, status, want, timeout, describe(ns, scaledObjectGVR, name))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
