@@ -4,7 +4,9 @@
 # virtualenv with Celery, then runs fmt, clippy and the test suite.
 #
 #   scripts/test.sh                  everything
-#   scripts/test.sh redis            arguments are passed to `cargo test --all-targets`
+#   scripts/test.sh redis            arguments are passed to `cargo test --all-targets` (without
+#                                    arguments, the broker suites run a second time with the
+#                                    tenancy protections on: CKS_TEST_PROTECTIONS=on)
 #   CKS_SKIP_CHECKS=1 scripts/test.sh    skip `cargo fmt --check`, clippy and the manifest checks
 #   CKS_E2E=only scripts/test.sh     only the KEDA end-to-end suite (e2e/scripts/run.sh)
 #   CKS_E2E=0 scripts/test.sh        everything but the KEDA end-to-end suite (it also does not run
@@ -373,6 +375,13 @@ if [ "$SKIP_CHECKS" != 1 ]; then
 fi
 log "cargo test --all-targets${*:+ $*}"
 cargo test --all-targets "$@"
+if [ $# -eq 0 ]; then
+    # The broker suites again, with the protections of a multi-team cluster on (a loopback-only
+    # broker host allowlist, inline SQS without keys refused): the same triggers must read the
+    # same exact depths (issue 13). tests/common/mod.rs protected_tenancy() says what is on.
+    log "cargo test, broker suites with the tenancy protections on (CKS_TEST_PROTECTIONS=on)"
+    CKS_TEST_PROTECTIONS=on cargo test --test redis --test rabbitmq --test sqs --test routing
+fi
 
 if [ "$E2E" = 1 ]; then
     log "KEDA end-to-end suite (e2e/scripts/run.sh)"

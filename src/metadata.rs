@@ -195,14 +195,24 @@ pub fn parse_with(
         )
     } else if let Some(name) = get("broker") {
         let target = env.named.get(&normalise_name(name)).cloned().ok_or_else(|| {
-            let known: Vec<&str> = env.named.keys().map(String::as_str).collect();
+            // Only the brokers open to every namespace are listed: the name of a broker
+            // reserved to other teams is theirs to know (the trigger's namespace is not known
+            // here, and the message reaches whoever wrote the trigger).
+            let open: Vec<&str> = env
+                .named
+                .keys()
+                .filter(|k| !env.namespaces.contains_key(*k))
+                .map(String::as_str)
+                .collect();
+            let reserved = env.named.len() - open.len();
             Error::invalid(
                 "broker",
                 format!(
-                    "no broker named `{}` is configured in the scaler's environment (set {NAMED_BROKER_PREFIX}{}); configured: {}",
+                    "no broker named `{}` is configured in the scaler's environment (set {NAMED_BROKER_PREFIX}{}); open to every namespace: {}{}",
                     shown(name),
                     name.trim().to_ascii_uppercase().replace('-', "_"),
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if open.is_empty() { "none".to_string() } else { open.join(", ") },
+                    if reserved > 0 { "; brokers reserved to namespaces are not listed" } else { "" },
                 ),
             )
         })?;
@@ -616,6 +626,31 @@ mod tests {
         let err = parse(&meta(&[("broker", "nope")]), &BrokerEnv::default()).unwrap_err();
         assert!(err.to_string().contains("CELERY_KEDA_BROKER_NOPE"), "{err}");
         assert_eq!(key_of(err), "broker");
+    }
+
+    #[test]
+    fn unknown_named_broker_lists_only_brokers_open_to_every_namespace() {
+        let env = BrokerEnv::from_vars([
+            (
+                "CELERY_KEDA_BROKER_SHARED".into(),
+                "redis://shared:6379".into(),
+            ),
+            (
+                "CELERY_KEDA_BROKER_PAYROLL".into(),
+                "redis://payroll:6379".into(),
+            ),
+            ("CELERY_KEDA_NAMESPACES_PAYROLL".into(), "payroll".into()),
+        ])
+        .unwrap();
+        let text = parse(&meta(&[("broker", "nope")]), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("open to every namespace: shared;"), "{text}");
+        assert!(
+            text.contains("reserved to namespaces are not listed"),
+            "{text}"
+        );
+        assert!(!text.contains("payroll"), "{text}");
     }
 
     #[test]

@@ -338,6 +338,21 @@ async fn unix_socket_and_database_number() {
     let scaler = Scaler::start().await;
     let mut client = scaler.client().await;
     let socket = format!("redis+socket://{}?virtual_host=3", server.socket.display());
+    if protections_on() {
+        // A socket has no host an allowlist could admit: refused before any connection.
+        let err = depth(
+            &mut client,
+            &meta(&[("brokerUrl", &socket), ("queues", &q)]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("brokerUrl") && err.message().contains("Unix socket"),
+            "{err:?}"
+        );
+        return;
+    }
     assert_eq!(
         depth(
             &mut client,

@@ -17,6 +17,7 @@ use celery_keda_scaler::metadata::BrokerEnv;
 use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
 use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use celery_keda_scaler::server::{serve, ServeSettings};
+use celery_keda_scaler::tenancy::Tenancy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -460,7 +461,10 @@ impl Scaler {
         Self::start_with(BrokerEnv::default(), ServeSettings::default()).await
     }
 
-    pub async fn start_with(env: BrokerEnv, settings: ServeSettings) -> Scaler {
+    pub async fn start_with(env: BrokerEnv, mut settings: ServeSettings) -> Scaler {
+        if protections_on() && settings.tenancy == Tenancy::default() {
+            settings.tenancy = protected_tenancy();
+        }
         celery_keda_scaler::install_crypto_provider();
         // Logs only when asked for (RUST_LOG=celery_keda_scaler=debug), on stderr.
         celery_keda_scaler::telemetry::init(celery_keda_scaler::telemetry::LogFormat::Text, "off");
@@ -530,6 +534,33 @@ impl Drop for Scaler {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// `CKS_TEST_PROTECTIONS=on`: scripts/test.sh's second pass over the broker suites. Every
+/// in-process scaler started with the default tenancy settings then runs with the protections a
+/// multi-team cluster turns on (see [`protected_tenancy`]), and the suites must read the same
+/// exact depths. Any other value but unset or `off` is a mistake, refused loudly.
+pub fn protections_on() -> bool {
+    match std::env::var("CKS_TEST_PROTECTIONS").as_deref() {
+        Err(_) | Ok("") | Ok("off") => false,
+        Ok("on") => true,
+        Ok(other) => panic!("CKS_TEST_PROTECTIONS must be on or off (got {other:?})"),
+    }
+}
+
+/// The protections of the second pass: a broker host allowlist admitting only this machine's
+/// loopback (every test broker, Sentinel, management API and moto listens there), checked on
+/// the resolved addresses; inline `sqs://` URLs without keys keep being refused (the default).
+/// Inline URLs stay on: the suites name their brokers inline.
+pub fn protected_tenancy() -> Tenancy {
+    Tenancy {
+        allowed_hosts: Some(
+            "127.0.0.0/8,::1/128"
+                .parse()
+                .expect("the loopback allowlist parses"),
+        ),
+        ..Tenancy::default()
     }
 }
 
