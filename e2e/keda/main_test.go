@@ -219,8 +219,15 @@ type publisher struct {
 
 func newPublisher(t testing.TB, brokerURL string) *publisher {
 	t.Helper()
+	return newPublisherEnv(t, brokerURL)
+}
+
+// newPublisherEnv is newPublisher with extra environment (cks_app settings such as
+// CKS_QUEUE_NAME_PREFIX).
+func newPublisherEnv(t testing.TB, brokerURL string, env ...string) *publisher {
+	t.Helper()
 	cmd := exec.Command(python, filepath.Join(repoRoot, "tests", "celery_app", "publish_loop.py"))
-	cmd.Env = append(os.Environ(), "CKS_BROKER="+brokerURL)
+	cmd.Env = append(append(os.Environ(), "CKS_BROKER="+brokerURL), env...)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

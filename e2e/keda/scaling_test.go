@@ -185,29 +185,25 @@ func waitStarted(t testing.TB, pub *publisher, marker string, n int) {
 	}
 }
 
-// TestRedisScaledJobRecipe: the README's ScaledJob recipe (deploy/examples/redis/scaledjob.yaml).
-// Jobs never run here (no kubelet), so each stays running and the tasks stay queued: 5 tasks ->
-// exactly 5 Jobs, still 5 after three polling intervals; 3 more tasks -> 8.
-func TestRedisScaledJobRecipe(t *testing.T) {
-	broker := e2eBroker()
-	pub := newPublisher(t, broker)
-	pub.purge(t, "reports")
-	ns := namespace(t, nsName(t, ""))
-	secret, _, _ := exampleWorker(t)
-	objs := readExample(t, "deploy/examples/redis/scaledjob.yaml")
-	sj := find(t, objs, "ScaledJob")
-	setImage(t, sj)
-	setTrigger(t, sj, "scalerAddress", scaler.Addr)
-	apply(t, ns, secret, find(t, objs, "ConfigMap"), sj)
-	polling, _, _ := unstructured.NestedInt64(sj.Object, "spec", "pollingInterval")
+// TestScaledJobRecipe: the README's ScaledJob recipe (deploy/examples/<broker>/scaledjob.yaml) on
+// each broker. Jobs never run here (no kubelet), so each stays running and the tasks stay queued:
+// 5 tasks -> exactly 5 Jobs, still 5 after three polling intervals; 3 more tasks -> 8.
+func TestScaledJobRecipe(t *testing.T) {
+	forEachBroker(t, func(t *testing.T, b exampleBroker, ns string) {
+		pub := b.publisher(t)
+		pub.purge(t, "reports") // on SQS this creates the queue, which the scaler reads from the start
+		objs, sj := b.scaledJobExample(t)
+		apply(t, ns, objs...)
+		polling, _, _ := unstructured.NestedInt64(sj.Object, "spec", "pollingInterval")
 
-	pub.publish(t, "reports", 5, 0)
-	waitJobs(t, ns, sj.GetName(), 5, 60*time.Second)
-	holdJobs(t, ns, sj.GetName(), 5, time.Duration(3*polling+2)*time.Second)
-	pub.publish(t, "reports", 3, 0)
-	waitJobs(t, ns, sj.GetName(), 8, 60*time.Second)
-	holdJobs(t, ns, sj.GetName(), 8, time.Duration(polling+2)*time.Second)
-	pub.purge(t, "reports")
+		pub.publish(t, "reports", 5, 0)
+		waitJobs(t, ns, sj.GetName(), 5, 60*time.Second)
+		holdJobs(t, ns, sj.GetName(), 5, time.Duration(3*polling+2)*time.Second)
+		pub.publish(t, "reports", 3, 0)
+		waitJobs(t, ns, sj.GetName(), 8, 60*time.Second)
+		holdJobs(t, ns, sj.GetName(), 8, time.Duration(polling+2)*time.Second)
+		pub.purge(t, "reports")
+	})
 }
 
 func countJobs(ns, scaledJob string) (int, error) {
@@ -252,15 +248,17 @@ func holdJobs(t testing.TB, ns, scaledJob string, want int, period time.Duration
 	}
 }
 
-// TestRedisPushNeverLost: a ScaledObject created while its queue is already non-empty reaches 1
-// replica, and so does every later activation from 0 (five cycles of publish, drain, cooldown).
-func TestRedisPushNeverLost(t *testing.T) {
+// TestPushNeverLost: on each broker, a ScaledObject created while its queue is already non-empty
+// reaches 1 replica, and so does every later activation from 0 (five cycles of publish, drain,
+// cooldown), each within the broker's push bound of the publish (exampleBroker.pushBound).
+func TestPushNeverLost(t *testing.T) {
+	forEachBroker(t, testPushNeverLost)
+}
+
+func testPushNeverLost(t *testing.T, b exampleBroker, ns string) {
 	const cooldown, cycles = 5, 5
-	broker := e2eBroker()
-	pub := newPublisher(t, broker)
-	pub.purge(t, "celery", "priority")
-	ns := namespace(t, nsName(t, ""))
-	secret, deployment, so := exampleWorker(t)
+	pub := b.publisher(t)
+	secret, deployment, so := b.workerExample(t)
 	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
 	// Scale-in waits for a poll: 5 s instead of the example's 30 s keeps the five cycles short.
 	// Activation does not depend on it (it is pushed).
@@ -291,30 +289,32 @@ func TestRedisPushNeverLost(t *testing.T) {
 	}
 	t.Logf("activations from 0 after the first: %v", latencies)
 	for i, l := range latencies {
-		if l > time.Second {
-			t.Errorf("activation %d reached 1 replica %s after the push; the push path promises well under a second", i+1, l)
+		if l > b.pushBound {
+			t.Errorf("activation %d reached 1 replica %s after publishing, more than %s (the scaler's stream poll on %s plus well under a second for the push)", i+1, l, b.pushBound, b.name)
 		}
 	}
+	writeResult(t, b.name+"_push_never_lost", map[string]any{"activation_ms": msAll(latencies)})
 	pub.purge(t, "celery", "priority")
 }
 
-// TestRedisScaleDownFollowsBehavior: the worker example's HPA behavior (scale up at once; scale
-// down by at most 2 pods per period after a stabilization window), with the windows shortened to
-// 20 s and 15 s: 47 tasks take the Deployment from 1 to 10 in one step; a drained queue steps it
-// down by at most 2 pods per 15 s; KEDA takes it to 0 after cooldownPeriod.
-func TestRedisScaleDownFollowsBehavior(t *testing.T) {
+// TestScaleDownFollowsBehavior: on each broker, the worker example's HPA behavior (scale up at
+// once; scale down by at most 2 pods per period after a stabilization window), with the windows
+// shortened to 20 s and 15 s: 47 tasks take the Deployment from 1 to 10 in one step; a drained
+// queue steps it down by at most 2 pods per 15 s; KEDA takes it to 0 after cooldownPeriod.
+func TestScaleDownFollowsBehavior(t *testing.T) {
+	forEachBroker(t, testScaleDownFollowsBehavior)
+}
+
+func testScaleDownFollowsBehavior(t *testing.T, b exampleBroker, ns string) {
 	const period = 15
-	broker := e2eBroker()
-	pub := newPublisher(t, broker)
-	pub.purge(t, "celery", "priority")
-	ns := namespace(t, nsName(t, ""))
-	secret, deployment, so := exampleWorker(t)
+	pub := b.publisher(t)
+	secret, deployment, so := b.workerExample(t)
 	setTrigger(t, so, "queueLength", "5")
 	set(t, so, int64(5), "spec", "pollingInterval")
 	set(t, so, int64(150), "spec", "cooldownPeriod")
 	behavior, found, _ := unstructured.NestedMap(so.Object, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior")
 	if !found {
-		t.Fatal("deploy/examples/redis/worker.yaml has no advanced.horizontalPodAutoscalerConfig.behavior")
+		t.Fatalf("%s/worker.yaml has no advanced.horizontalPodAutoscalerConfig.behavior", b.dir)
 	}
 	down := behavior["scaleDown"].(map[string]any)
 	policies := down["policies"].([]any)
@@ -346,8 +346,8 @@ func TestRedisScaleDownFollowsBehavior(t *testing.T) {
 		t.Fatalf("scale-up was not one step from 1 to 10: %v", h)
 	}
 	drainedFrom := len(rw.changes())
-	startWorker(t, broker, []string{"celery", "priority"}, 4)
-	waitDepthZero(t, broker)
+	b.worker(t, 4)
+	b.waitDrained(t)
 	if _, ok := rw.waitFor(0, 300*time.Second); !ok {
 		t.Fatalf("drained: replicas %d, want 0; %v\n%s", rw.current().Replicas, rw.changes(), describe(ns, scaledObjectGVR, so.GetName()))
 	}

@@ -6,7 +6,8 @@ publish at a moment it chooses without paying Python's and Celery's start-up eac
     {"op": "publish", "queue": "celery", "count": 1, "seconds": 0, "marker": null}
         -> {"ok": true, "published": 1}
     {"op": "purge", "queues": ["celery", "priority"]}
-        -> {"ok": true, "purged": N}   (every priority list of each queue, as kombu purges)
+        -> {"ok": true, "purged": N}   (every priority list of each queue, as kombu purges; on
+                                        SQS every visible message received and deleted)
     {"op": "counter", "key": "marker"}
         -> {"ok": true, "value": N}   (Redis brokers: a `cks.sleep` start counter, 0 if unset)
 
@@ -39,6 +40,14 @@ def purge(cmd):
     purged = 0
     with app.connection_for_write() as conn:
         channel = conn.default_channel
+        if conn.transport_cls == "sqs" or os.environ["CKS_BROKER"].startswith("sqs://"):
+            # SQS allows one PurgeQueue per queue a minute: receive and delete instead, as a
+            # worker would (this also creates a queue that does not exist yet, as kombu does).
+            for queue in cmd["queues"]:
+                while (message := channel.basic_get(queue, no_ack=False)) is not None:
+                    message.ack()
+                    purged += 1
+            return {"ok": True, "purged": purged}
         for queue in cmd["queues"]:
             try:
                 purged += channel.queue_purge(queue) or 0
