@@ -224,9 +224,22 @@ impl Censuses {
                     );
                 }
             }
-            if let Err(e) = &result {
-                self.metrics.census_failure(kind);
-                tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Worker census failed");
+            match &result {
+                // Not logged with its message, which quotes hosts (a refused Sentinel-reported
+                // master); the reading that waits for this census counts the refusal.
+                Err(Error::Refused { reason, .. }) => {
+                    self.metrics.census_failure(kind);
+                    tracing::debug!(
+                        broker = kind,
+                        reason = reason.label(),
+                        "Worker census refused"
+                    );
+                }
+                Err(e) => {
+                    self.metrics.census_failure(kind);
+                    tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Worker census failed");
+                }
+                Ok(_) => {}
             }
             tx.send_replace(Some(Snapshot {
                 at: Instant::now(),

@@ -115,7 +115,7 @@ impl Metrics {
         }
         registry.register(
             "refusals",
-            "Triggers refused by the tenancy settings before any connection, by reason (namespace, inline_url, host, address, ambient_identity)",
+            "Triggers refused by the tenancy settings before any connection to the refused host, by reason (namespace, inline_url, host, address, ambient_identity); a master reported by an inline trigger's Sentinel is refused at each reading",
             refusals.clone(),
         );
         registry.register(

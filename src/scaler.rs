@@ -90,6 +90,7 @@ impl Core {
         let result = self.tenancy.check_inline(meta, namespace).and_then(|()| {
             let mut trigger = metadata::parse_with(meta, &self.env, &self.limits)?;
             trigger.unresolved = self.tenancy.admit(&trigger, meta, namespace, &self.env)?;
+            self.tenancy.check_reported_master(&mut trigger, namespace);
             Ok(trigger)
         });
         self.count_refusal(result)
@@ -223,6 +224,12 @@ impl Core {
             Ok(depth) => self
                 .metrics
                 .reading(kind, started.elapsed().as_secs_f64(), depth),
+            // A master a Sentinel reported, refused by the host allowlist before any connection:
+            // a refusal, not a broker error.
+            Err(Error::Refused { reason, .. }) => {
+                self.metrics.refusal(*reason);
+                tracing::debug!(reason = reason.label(), broker = kind, "Reading refused");
+            }
             Err(e) => {
                 self.metrics.broker_error(kind, e.kind());
                 tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Depth reading failed");

@@ -76,7 +76,7 @@ pub struct Tenancy {
 }
 
 /// One rule of the host allowlist.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Rule {
     /// `redis.team-a.svc` or `redis.team-a.svc:6379` (lowercase, no trailing dot).
     Name { name: String, port: Option<u16> },
@@ -91,7 +91,7 @@ enum Rule {
 
 /// `--allowed-broker-hosts`: exact host names, `*.suffix` globs, either with `:port`, single
 /// addresses (with an optional port) and address ranges.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct HostAllowlist {
     rules: Vec<Rule>,
     /// The list as given, for the start-up log line.
@@ -339,6 +339,82 @@ pub struct Unresolved {
     pub key: String,
     pub host: String,
     pub port: u16,
+}
+
+/// The check of the Redis master a Sentinel reports, for an inline `sentinel://` trigger under a
+/// host allowlist. The Sentinel nodes are checked like every other host, but the master is an
+/// answer of theirs: a Sentinel inside an allowed range could name any server. The broker client
+/// applies [`MasterCheck::admit`] to every master it is told about (first use and every lookup
+/// after a failover) before it connects to it.
+///
+/// Part of the Redis target, so of the key that broker clients, shared polls and the result
+/// window are kept under: an inline trigger never shares a client with a named or default
+/// broker's Sentinel (whose master the operator vouches for, unchecked), nor with a trigger
+/// whose refusal would name another key or namespace.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct MasterCheck {
+    allowlist: HostAllowlist,
+    /// The metadata key the Sentinel URL came from (`brokerUrl`, `brokerUrlFromEnv`).
+    key: String,
+    namespace: String,
+}
+
+impl fmt::Debug for MasterCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "master checked by {} for `{}`, namespace {}",
+            self.allowlist,
+            self.key,
+            ns_shown(&self.namespace)
+        )
+    }
+}
+
+/// `host:port`, with brackets around an IPv6 address.
+pub(crate) fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{}]:{port}", host.trim_matches(['[', ']']))
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl MasterCheck {
+    /// A check of the masters reported to a trigger from `namespace` whose Sentinel URL came
+    /// from metadata key `key`.
+    pub fn new(allowlist: HostAllowlist, key: &str, namespace: &str) -> Self {
+        MasterCheck {
+            allowlist,
+            key: key.to_string(),
+            namespace: namespace.to_string(),
+        }
+    }
+
+    /// Whether the scaler may connect to `host:port`, which the Sentinel at `sentinel` reports
+    /// as the master named `master` (pure). An address must be admitted by an address rule or
+    /// range; a name only by a name or glob rule: it is not resolved here, because the client
+    /// would look it up again when it connects, and that second answer could point elsewhere.
+    pub fn admit(&self, sentinel: &str, master: &str, host: &str, port: u16) -> Result<()> {
+        let why = match normalise_host(host).parse::<IpAddr>() {
+            Ok(addr) if self.allowlist.admits_addr(addr, port) => return Ok(()),
+            Ok(_) => "",
+            Err(_) if self.allowlist.admits_name(host, port) => return Ok(()),
+            Err(_) if self.allowlist.has_address_rules() => ": a host name a Sentinel reports is admitted only by a name rule (the scaler does not resolve it to check it against address rules: a second DNS lookup could point elsewhere)",
+            Err(_) => "",
+        };
+        Err(refused(
+            Refusal::Host,
+            format!(
+                "metadata key `{}`: the Redis master `{}` that Sentinel `{}` reports for `{}` is not allowed by the scaler's broker host allowlist (--allowed-broker-hosts), namespace {}{why}; the scaler did not connect to it. Ask the scaler's operator to add it, or use a named broker",
+                self.key,
+                shown(&host_port(host, port)),
+                shown(sentinel),
+                shown(master),
+                ns_shown(&self.namespace)
+            ),
+        ))
+    }
 }
 
 /// One host a trigger makes the scaler contact.
@@ -590,11 +666,7 @@ impl Tenancy {
             if operator_hosts.contains(&(normalise_host(&c.host), c.port)) {
                 continue;
             }
-            let hostport = if c.host.contains(':') {
-                format!("[{}]:{}", c.host, c.port)
-            } else {
-                format!("{}:{}", c.host, c.port)
-            };
+            let hostport = host_port(&c.host, c.port);
             let deny = |why: &str| {
                 refused(
                     Refusal::Host,
@@ -629,6 +701,27 @@ impl Tenancy {
             }
         }
         Ok(unresolved)
+    }
+
+    /// Gives an inline `sentinel://` trigger under a host allowlist the [`MasterCheck`] of the
+    /// masters its Sentinels report (pure). Named and default brokers are the operator's choice
+    /// and keep reading whatever master their Sentinels report.
+    pub fn check_reported_master(&self, trigger: &mut Trigger, namespace: &str) {
+        let Some(list) = &self.allowed_hosts else {
+            return;
+        };
+        if operator_broker(trigger) {
+            return;
+        }
+        if let BrokerTarget::Redis(t) = &mut trigger.query.target {
+            if let RedisAddr::Sentinel { check, .. } = &mut t.addr {
+                *check = Some(MasterCheck::new(
+                    list.clone(),
+                    &trigger.broker_source,
+                    namespace,
+                ));
+            }
+        }
     }
 
     /// Resolves the hosts [`Tenancy::admit`] left open, within `deadline`; every address must lie
@@ -767,6 +860,133 @@ mod tests {
         ] {
             assert!(bad.parse::<HostAllowlist>().is_err(), "{bad:?}");
         }
+    }
+
+    fn refusal_text(r: Result<()>) -> String {
+        match r {
+            Err(Error::Refused {
+                reason: Refusal::Host,
+                message,
+            }) => message,
+            other => panic!("expected a host refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reported_masters_are_checked_without_dns() {
+        let check = MasterCheck::new(
+            list(
+                "127.0.0.1:26379, 10.0.0.0/8, [fd00::1]:6379, redis.team-a.svc:6379, *.team-a.svc:6379",
+            ),
+            "brokerUrlFromEnv",
+            "team-a",
+        );
+        let admit = |host: &str, port: u16| check.admit("127.0.0.1:26379", "mymaster", host, port);
+        for (host, port) in [
+            ("10.1.2.3", 6379),
+            ("::ffff:10.1.2.3", 1),
+            ("fd00::1", 6379),
+            ("[fd00::1]", 6379),
+            ("127.0.0.1", 26379),
+            ("redis.team-a.svc", 6379),
+            ("Redis.Team-A.svc.", 6379),
+            ("x.team-a.svc", 6379),
+        ] {
+            assert_eq!(admit(host, port), Ok(()), "{host}:{port}");
+        }
+        assert_eq!(
+            refusal_text(admit("127.0.0.1", 6379)),
+            "metadata key `brokerUrlFromEnv`: the Redis master `127.0.0.1:6379` that Sentinel `127.0.0.1:26379` reports for `mymaster` is not allowed by the scaler's broker host allowlist (--allowed-broker-hosts), namespace `team-a`; the scaler did not connect to it. Ask the scaler's operator to add it, or use a named broker"
+        );
+        let text = refusal_text(admit("fd00::2", 6379));
+        assert!(text.contains("`[fd00::2]:6379`"), "{text}");
+        assert!(!text.contains("name rule"), "{text}");
+        let text = refusal_text(admit("redis.team-a.svc", 6380));
+        assert!(text.contains("`redis.team-a.svc:6380`"), "{text}");
+        // A name that only an address rule could admit is not resolved to find out.
+        let text = refusal_text(admit("redis.team-b.svc", 6379));
+        assert!(text.contains("admitted only by a name rule"), "{text}");
+        assert!(text.contains("DNS"), "{text}");
+        // Without address rules there is nothing a lookup could change: no such hint.
+        let names_only = MasterCheck::new(list("redis.team-a.svc"), "brokerUrl", "");
+        let text = refusal_text(names_only.admit("s:26379", "m", "redis.team-b.svc", 6379));
+        assert!(!text.contains("name rule"), "{text}");
+        assert!(text.contains("metadata key `brokerUrl`"), "{text}");
+        assert!(text.contains("namespace (none given)"), "{text}");
+        assert_eq!(
+            names_only.admit("s:26379", "m", "REDIS.team-a.svc", 1),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn only_inline_sentinel_triggers_under_an_allowlist_carry_the_check() {
+        let url = "sentinel://:SentPw@127.0.0.1:26379;sentinel://127.0.0.1:26380/0";
+        let env = BrokerEnv::from_vars(
+            [("CELERY_KEDA_BROKER_OPS", url), ("CELERY_BROKER_URL", url)]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        let trigger = |pairs: &[(&str, &str)]| {
+            let mut meta: HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            meta.insert("sentinelMaster".into(), "mymaster".into());
+            crate::metadata::parse(&meta, &env).unwrap()
+        };
+        let check_of = |t: &Trigger| match &t.query.target {
+            BrokerTarget::Redis(r) => match &r.addr {
+                RedisAddr::Sentinel { check, .. } => check.clone(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        let allowlist = list("127.0.0.0/8");
+        let tenancy = Tenancy {
+            allowed_hosts: Some(allowlist.clone()),
+            ..Tenancy::default()
+        };
+        for (pairs, expected) in [
+            (
+                vec![("brokerUrl", url)],
+                Some(MasterCheck::new(allowlist.clone(), "brokerUrl", "team-a")),
+            ),
+            (
+                vec![("brokerUrlFromEnv", url)],
+                Some(MasterCheck::new(
+                    allowlist.clone(),
+                    "brokerUrlFromEnv",
+                    "team-a",
+                )),
+            ),
+            (vec![("broker", "ops")], None),
+            (vec![], None),
+        ] {
+            let mut t = trigger(&pairs);
+            tenancy.check_reported_master(&mut t, "team-a");
+            assert_eq!(check_of(&t), expected, "{pairs:?}");
+        }
+        // The check is part of the broker client's key: the named broker's Sentinel and an
+        // inline trigger with the same URL do not share a client, nor do two namespaces.
+        let mut inline = trigger(&[("brokerUrl", url)]);
+        let mut named = trigger(&[("broker", "ops")]);
+        let mut other_ns = trigger(&[("brokerUrl", url)]);
+        assert_eq!(inline.query.target, named.query.target);
+        tenancy.check_reported_master(&mut inline, "team-a");
+        tenancy.check_reported_master(&mut named, "team-a");
+        tenancy.check_reported_master(&mut other_ns, "team-b");
+        assert_ne!(inline.query.target, named.query.target);
+        assert_ne!(inline.query.target, other_ns.query.target);
+        // No allowlist: nothing to carry.
+        let mut t = trigger(&[("brokerUrl", url)]);
+        Tenancy::default().check_reported_master(&mut t, "team-a");
+        assert_eq!(check_of(&t), None);
+        // Other schemes are untouched.
+        let mut t = trigger(&[("brokerUrl", "redis://127.0.0.1:6379/0")]);
+        let before = t.query.target.clone();
+        tenancy.check_reported_master(&mut t, "team-a");
+        assert_eq!(t.query.target, before);
     }
 
     #[test]

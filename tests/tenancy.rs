@@ -1,9 +1,11 @@
 //! Tenancy over real gRPC against real Redis, RabbitMQ and moto: named brokers kept to their
 //! namespaces, the broker host allowlist (names, globs, ports, address ranges checked on what a
-//! name resolves to), inline URLs turned off, and the scaler's AWS identity lent only to named
-//! brokers. Every refusal is PERMISSION_DENIED from every RPC, names the key, host or broker and
-//! the namespace, holds no secret, is counted by reason, and opens no connection (a counting
-//! listener stays at zero); allowed triggers keep their exact depths.
+//! name resolves to, masters a real Sentinel reports, first and after a failover), inline URLs
+//! turned off, and the scaler's AWS identity lent only to named brokers. Every refusal is
+//! PERMISSION_DENIED from every RPC (a Sentinel-reported master: from every reading), names the
+//! key, host or broker and the namespace, holds no secret, is counted by reason, and opens no
+//! connection to the refused host (a counting listener stays at zero; a refused master's
+//! `total_connections_received` does not move); allowed triggers keep their exact depths.
 
 mod common;
 
@@ -732,4 +734,292 @@ async fn probe_checks_as_a_namespace_and_bad_settings_stop_the_scaler() {
         assert!(err.contains(named), "{var}={value}: {err}");
     }
     cleanup_redis(&redis_url(), "", &[&q]).await;
+}
+
+// ---------------------------------------------------------------- masters reported by Sentinel
+
+/// `total_connections_received` of the server behind `conn`: one connection kept open, so that
+/// asking adds nothing to the count.
+async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .expect("INFO stats has total_connections_received")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn is_sentinel_link(client: &HashMap<String, String>) -> bool {
+    client
+        .get("name")
+        .is_some_and(|n| n.starts_with("sentinel-"))
+}
+
+/// Waits until the Sentinel holds its two links (commands and PUB/SUB) to the server at `url`,
+/// so that connections counted from then on are someone else's.
+async fn wait_for_sentinel_links(url: &str) {
+    wait_for(
+        "the Sentinel's links to its master",
+        std::time::Duration::from_secs(15),
+        || async {
+            let links = redis_clients(url)
+                .await
+                .iter()
+                .filter(|c| is_sentinel_link(c))
+                .count();
+            (links >= 2).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The clients of the server at `url` other than the Sentinel's links and the connection `own`.
+async fn foreign_clients(url: &str, own: &mut redis::aio::MultiplexedConnection) -> usize {
+    let own_id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(own)
+        .await
+        .unwrap();
+    redis_clients(url)
+        .await
+        .iter()
+        .filter(|c| !is_sentinel_link(c) && c.get("id") != Some(&own_id.to_string()))
+        .count()
+}
+
+/// GetMetricSpec answers (it never does I/O), GetMetrics and IsActive are refused once the
+/// Sentinel has named the master. Returns the number of refused readings.
+async fn refused_at_reading(
+    client: &mut ExternalScalerClient<Channel>,
+    namespace: &str,
+    m: &HashMap<String, String>,
+    needles: &[&str],
+    secrets: &[&str],
+) -> u64 {
+    client.get_metric_spec(so(namespace, m)).await.unwrap();
+    let s = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(so(namespace, m)),
+            metric_name: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    check_status("GetMetrics", &s, needles, secrets);
+    let s = client.is_active(so(namespace, m)).await.unwrap_err();
+    check_status("IsActive", &s, needles, secrets);
+    2
+}
+
+/// The two Sentinel metadata sets of these tests.
+fn sentinel_meta(key: &str, url: &str, q: &str) -> HashMap<String, String> {
+    meta(&[
+        (key, url),
+        ("sentinelMaster", "cksmaster"),
+        ("queues", q),
+        ("scaleOnRunning", "false"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_reported_by_sentinel_is_checked_before_any_connection() {
+    let password = "SentinelMasterPw61";
+    let master = OwnRedis::start(Some(password), None);
+    let sentinel = OwnSentinel::start(master.port, "cksmaster", Some(password));
+    let master_url = master.url(Some(password));
+    let q = unique("tensent");
+    assert_eq!(
+        CeleryConf::new(&master_url).publish(&q, &["--count", "3"]),
+        3
+    );
+    let url = format!("sentinel://:{password}@127.0.0.1:{}/0", sentinel.port);
+    // The Sentinel's own address is on the list, the master it reports is not.
+    let env = env(&[("CELERY_KEDA_BROKER_SENT", &url)]);
+    let scaler = Scaler::start_with(env, allowlist(&format!("127.0.0.1:{}", sentinel.port))).await;
+    let mut client = scaler.client().await;
+
+    // The operator's named broker reads its Sentinel's master: exempt, and first, so that an
+    // inline trigger sharing its client would read too.
+    let named = meta(&[
+        ("broker", "sent"),
+        ("sentinelMaster", "cksmaster"),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    assert_eq!(read(&mut client, "team-b", &named).await.unwrap(), 3);
+
+    wait_for_sentinel_links(&master_url).await;
+    let mut own = raw_redis(&master_url).await;
+    let before = connections_received(&mut own).await;
+    let master_addr = format!("`127.0.0.1:{}`", master.port);
+    let sentinel_addr = format!("Sentinel `127.0.0.1:{}`", sentinel.port);
+    let mut n = 0;
+    for key in ["brokerUrl", "brokerUrlFromEnv"] {
+        n += refused_at_reading(
+            &mut client,
+            "team-b",
+            &sentinel_meta(key, &url, &q),
+            &[
+                &format!("metadata key `{key}`"),
+                &master_addr,
+                &sentinel_addr,
+                "`cksmaster`",
+                "namespace `team-b`",
+                "--allowed-broker-hosts",
+                "did not connect",
+            ],
+            &[password],
+        )
+        .await;
+    }
+    assert_eq!(
+        connections_received(&mut own).await,
+        before,
+        "a refused master was connected to"
+    );
+    assert_eq!(
+        foreign_clients(&master_url, &mut own).await,
+        1,
+        "only the named broker's connection"
+    );
+    assert_eq!(refusals(&scaler, "host").await, n);
+    assert_eq!(refusals(&scaler, "address").await, 0);
+    // The named broker still reads, through its own client.
+    assert_eq!(read(&mut client, "team-b", &named).await.unwrap(), 3);
+    scaler.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_reported_by_sentinel_is_read_when_admitted_and_checked_again_after_failover() {
+    let password = "FailoverPw72";
+    let mut first = OwnRedis::start(Some(password), None);
+    let second = OwnRedis::start(Some(password), None);
+    let sentinel = OwnSentinel::start(first.port, "cksmaster", Some(password));
+    let q = unique("tenfail");
+    assert_eq!(
+        CeleryConf::new(&first.url(Some(password))).publish(&q, &["--count", "4"]),
+        4
+    );
+    assert_eq!(
+        CeleryConf::new(&second.url(Some(password))).publish(&q, &["--count", "7"]),
+        7
+    );
+    let url = format!("sentinel://:{password}@127.0.0.1:{}/0", sentinel.port);
+    let m = sentinel_meta("brokerUrl", &url, &q);
+
+    // A range admits both masters; a host:port list admits the Sentinel and the first only.
+    let ranged = Scaler::start_with(BrokerEnv::default(), allowlist("127.0.0.0/8")).await;
+    // Without the result window, so that every reading after the failover reaches the broker.
+    let exact = Scaler::start_with(
+        BrokerEnv::default(),
+        ServeSettings {
+            result_window: std::time::Duration::ZERO,
+            ..allowlist(&format!(
+                "127.0.0.1:{}, 127.0.0.1:{}",
+                sentinel.port, first.port
+            ))
+        },
+    )
+    .await;
+    let mut ranged_client = ranged.client().await;
+    let mut exact_client = exact.client().await;
+    assert_eq!(read(&mut ranged_client, "team-a", &m).await.unwrap(), 4);
+    assert_eq!(read(&mut exact_client, "team-a", &m).await.unwrap(), 4);
+
+    // The Sentinel now names the second server (what a failover, or a hostile Sentinel, does),
+    // and the first one goes away: both scalers look the master up again.
+    let mut s = raw_redis(&format!("redis://127.0.0.1:{}", sentinel.port)).await;
+    let _: () = redis::cmd("SENTINEL")
+        .arg("REMOVE")
+        .arg("cksmaster")
+        .query_async(&mut s)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SENTINEL")
+        .arg("MONITOR")
+        .arg("cksmaster")
+        .arg("127.0.0.1")
+        .arg(second.port)
+        .arg(1)
+        .query_async(&mut s)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SENTINEL")
+        .arg("SET")
+        .arg("cksmaster")
+        .arg("auth-pass")
+        .arg(password)
+        .query_async(&mut s)
+        .await
+        .unwrap();
+    let second_url = second.url(Some(password));
+    wait_for_sentinel_links(&second_url).await;
+    let mut own = raw_redis(&second_url).await;
+    let before = connections_received(&mut own).await;
+    first.kill();
+
+    // Until the connection to the first master fails, a reading may still fail as
+    // UNAVAILABLE; every PERMISSION_DENIED is counted.
+    let needles = [
+        "metadata key `brokerUrl`".to_string(),
+        format!("`127.0.0.1:{}`", second.port),
+        format!("Sentinel `127.0.0.1:{}`", sentinel.port),
+        "namespace `team-a`".to_string(),
+    ];
+    let mut denied = 0u64;
+    let started = std::time::Instant::now();
+    loop {
+        let r = exact_client
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(so("team-a", &m)),
+                metric_name: "x".into(),
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == Code::PermissionDenied => {
+                let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+                check_status("GetMetrics after the failover", &s, &needles, &[password]);
+                denied += 1;
+                break;
+            }
+            Err(s) if s.code() == Code::Unavailable => {}
+            other => panic!("after the failover: {other:?}"),
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the new master was never checked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let s = exact_client.is_active(so("team-a", &m)).await.unwrap_err();
+    check_status("IsActive after the failover", &s, &needles, &[password]);
+    denied += 1;
+    assert_eq!(refusals(&exact, "host").await, denied);
+    assert_eq!(
+        connections_received(&mut own).await,
+        before,
+        "a refused master was connected to"
+    );
+    assert_eq!(foreign_clients(&second_url, &mut own).await, 0);
+
+    // The range admits the new master: the scaler follows the failover to the exact depth.
+    let depth = wait_for(
+        "the ranged scaler to read the new master",
+        std::time::Duration::from_secs(15),
+        || {
+            let mut c = ranged_client.clone();
+            let m = m.clone();
+            async move { read(&mut c, "team-a", &m).await.ok().filter(|d| *d == 7) }
+        },
+    )
+    .await;
+    assert_eq!(depth, 7);
+    assert_eq!(refusals(&ranged, "host").await, 0);
+    exact.stop().await;
+    ranged.stop().await;
 }

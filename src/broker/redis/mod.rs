@@ -3,6 +3,7 @@
 
 mod layout;
 mod pidbox;
+mod sentinel;
 mod target;
 
 use std::collections::{BTreeSet, HashMap};
@@ -36,6 +37,13 @@ enum Source {
         sentinel: Box<Mutex<SentinelClient>>,
         current: Mutex<Option<ConnectionManager>>,
     },
+    /// A Sentinel-managed master of an inline trigger under a host allowlist: looked up by the
+    /// scaler itself, so that the master is checked before any connection to it, on first use
+    /// and again after a connection error.
+    CheckedSentinel {
+        lookup: Box<sentinel::CheckedSentinel>,
+        current: Mutex<Option<ConnectionManager>>,
+    },
 }
 
 /// A Redis broker client, shared by every trigger that names the same [`RedisTarget`].
@@ -66,13 +74,33 @@ impl RedisBroker {
             info
         };
         let source = match &target.addr {
-            RedisAddr::Sentinel { nodes, master } => {
+            RedisAddr::Sentinel {
+                nodes,
+                master,
+                check,
+            } => {
                 let master = master.as_deref().ok_or_else(|| {
                     Error::invalid(
                         "sentinelMaster",
                         "is required with a sentinel:// broker URL (kombu's master_name)",
                     )
                 })?;
+                if let Some(check) = check {
+                    return Ok(RedisBroker {
+                        source: Source::CheckedSentinel {
+                            lookup: Box::new(sentinel::CheckedSentinel {
+                                nodes: nodes.clone(),
+                                master: master.to_string(),
+                                check: check.clone(),
+                                redis: redis_info,
+                                timeout: settings.timeout,
+                            }),
+                            current: Mutex::new(None),
+                        },
+                        target,
+                        config,
+                    });
+                }
                 let addrs = nodes
                     .iter()
                     .map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
@@ -125,15 +153,26 @@ impl RedisBroker {
                 *current = Some(manager.clone());
                 Ok(manager)
             }
+            Source::CheckedSentinel { lookup, current } => {
+                let mut current = current.lock().await;
+                if let Some(conn) = current.as_ref() {
+                    return Ok(conn.clone());
+                }
+                let manager = lookup.master(&self.config, &self.target).await?;
+                *current = Some(manager.clone());
+                Ok(manager)
+            }
         }
     }
 
     /// After a connection-level failure, forget a Sentinel-resolved master.
     async fn forget_master(&self, err: &redis::RedisError) {
-        if let Source::Sentinel { current, .. } = &self.source {
-            if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
-                *current.lock().await = None;
-            }
+        let current = match &self.source {
+            Source::Direct(_) => return,
+            Source::Sentinel { current, .. } | Source::CheckedSentinel { current, .. } => current,
+        };
+        if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+            *current.lock().await = None;
         }
     }
 

@@ -8,6 +8,7 @@ use url::Url;
 
 use crate::error::{Error, Result};
 use crate::secret::{at_after_host, redact_url, Secret, AT_AFTER_HOST};
+use crate::tenancy::MasterCheck;
 
 /// Default Redis port, as kombu uses it.
 const DEFAULT_PORT: u16 = 6379;
@@ -32,6 +33,9 @@ pub enum RedisAddr {
         nodes: Vec<(String, u16)>,
         /// kombu's `master_name`, from the `sentinelMaster` metadata key.
         master: Option<String>,
+        /// For an inline URL under a host allowlist: the check of every master a Sentinel
+        /// reports, before the scaler connects to it (set by the tenancy settings).
+        check: Option<MasterCheck>,
     },
 }
 
@@ -157,6 +161,7 @@ impl RedisTarget {
                     RedisAddr::Sentinel {
                         nodes,
                         master: None,
+                        check: None,
                     },
                     url.path().to_string(),
                 )
@@ -195,7 +200,7 @@ impl RedisTarget {
                 path.display(),
                 self.db
             ),
-            RedisAddr::Sentinel { nodes, master } => {
+            RedisAddr::Sentinel { nodes, master, .. } => {
                 let list: Vec<String> = nodes
                     .iter()
                     .enumerate()
@@ -326,7 +331,8 @@ mod tests {
                     ("s2".into(), 26379),
                     ("s3".into(), 26380)
                 ],
-                master: None
+                master: None,
+                check: None
             }
         );
         assert_eq!(t.db, 1);
