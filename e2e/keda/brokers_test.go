@@ -29,10 +29,20 @@ var brokerNames = []string{"redis", "rabbitmq", "sqs"}
 
 func newExampleBroker(t testing.TB, name, ns string) exampleBroker {
 	t.Helper()
+	return newExampleBrokerAt(t, name, ns, "")
+}
+
+// newExampleBrokerAt is newExampleBroker on a server of the test's own: endpoint is the Redis URL
+// or the SQS endpoint (RabbitMQ always uses the suite's server, in a vhost of the test).
+func newExampleBrokerAt(t testing.TB, name, ns, endpoint string) exampleBroker {
+	t.Helper()
 	b := exampleBroker{name: name, dir: "deploy/examples/" + name, pushBound: time.Second}
 	switch name {
 	case "redis":
 		b.broker, b.queues = e2eBroker(), "celery,priority"
+		if endpoint != "" {
+			b.broker = endpoint
+		}
 		b.fix = func(t testing.TB, o *unstructured.Unstructured) {
 			setTrigger(t, o, "scalerAddress", scaler.Addr)
 		}
@@ -52,6 +62,9 @@ func newExampleBroker(t testing.TB, name, ns string) exampleBroker {
 		}
 	case "sqs":
 		s := newSQSSuite(t)
+		if endpoint != "" {
+			s = newSQSSuiteAt(endpoint)
+		}
 		b.broker, b.queues, b.env, b.probe = s.broker, "celery", []string{s.env()}, s.probeArgs()
 		b.pushBound = 6 * time.Second
 		b.fix = func(t testing.TB, o *unstructured.Unstructured) {

@@ -19,10 +19,16 @@ type sqsSuite struct {
 
 func newSQSSuite(t testing.TB) sqsSuite {
 	t.Helper()
-	endpoint := strings.TrimRight(os.Getenv("CKS_SQS_ENDPOINT"), "/")
+	endpoint := os.Getenv("CKS_SQS_ENDPOINT")
 	if endpoint == "" {
 		t.Fatal("CKS_SQS_ENDPOINT must be set (scripts/test.sh starts moto and sets it)")
 	}
+	return newSQSSuiteAt(endpoint)
+}
+
+// newSQSSuiteAt is newSQSSuite on another SQS endpoint (a moto server of the test's own).
+func newSQSSuiteAt(endpoint string) sqsSuite {
+	endpoint = strings.TrimRight(endpoint, "/")
 	return sqsSuite{
 		endpoint: endpoint,
 		broker:   "sqs://testing:testing@" + strings.TrimPrefix(endpoint, "http://"),
