@@ -46,6 +46,8 @@ func rabbitVhost(t testing.TB, name string) (amqpURL, managementURL string) {
 //   - a broker URL with an unknown scheme behind brokerUrlFromEnv: the same; fixed Secret -> 1.
 //   - a queue missing on RabbitMQ (a reading fails): KEDAScalerFailed event with NOT_FOUND naming
 //     the queue; the queue declared by Celery -> 1.
+//   - a queue missing on SQS: the same, naming the Celery queue and the SQS queue it maps to;
+//     the queue created by Celery -> 1.
 func TestMistakesAreShownAndFixed(t *testing.T) {
 	broker := e2eBroker()
 	pub := newPublisher(t, broker)
@@ -118,6 +120,29 @@ func TestMistakesAreShownAndFixed(t *testing.T) {
 			t.Fatalf("queue declared: replicas %d, want 1\n%s", rw.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
 		}
 		rpub.purge(t, "celery", "priority")
+	})
+
+	t.Run("missingSQSQueue", func(t *testing.T) {
+		ns := namespace(t, nsName(t, ""))
+		b := newExampleBroker(t, "sqs", ns)
+		secret, deployment, so := b.workerExample(t)
+		setTrigger(t, so, "queues", "celery,orders.high")
+		set(t, so, int64(5), "spec", "pollingInterval")
+		spub := b.publisher(t)
+		spub.publish(t, "celery", 1, 0) // creates `<prefix>celery`; `<prefix>orders-high` does not exist yet
+		apply(t, ns, secret, deployment, so)
+		rw := watchReplicas(t, ns, deployment.GetName())
+		ev := waitEvent(t, ns, "KEDAScalerFailed", "NotFound", 60*time.Second)
+		t.Logf("event: %s", ev)
+		// Both names: the Celery queue the user wrote and the SQS queue kombu would use.
+		if !strings.Contains(ev, "`orders.high`") || !strings.Contains(ev, "orders-high`") {
+			t.Fatalf("the KEDAScalerFailed event does not name the Celery and the SQS queue: %s", ev)
+		}
+		holdReplicas(t, rw, 0, 10*time.Second)
+		spub.publish(t, "orders.high", 1, 0) // kombu creates the queue
+		if _, ok := rw.waitFor(1, 60*time.Second); !ok {
+			t.Fatalf("queue created: replicas %d, want 1\n%s", rw.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+		}
 	})
 }
 
