@@ -31,8 +31,9 @@ func writeServerCert(t testing.TB, dir, cn string) {
 // TestTLSAndMutualTLS: a scaler with --tls-cert-file/--tls-key-file/--tls-client-ca-file; KEDA gets
 // caCert, tlsClientCert and tlsClientKey through the project's ClusterTriggerAuthentication
 // (deploy/overlays/tls/cert-manager, Secret written here instead of by cert-manager) and scales
-// deploy/examples/tls/scaledobject.yaml. A trigger whose TriggerAuthentication has no client
-// certificate is refused. The server certificate is rotated on disk; KEDA keeps scaling.
+// deploy/examples/tls/scaledobject.yaml on each broker's worker example. A trigger whose
+// TriggerAuthentication has no client certificate is refused. The server certificate is rotated
+// on disk; KEDA keeps scaling.
 func TestTLSAndMutualTLS(t *testing.T) {
 	dir := t.TempDir()
 	writeServerCert(t, dir, "celery-keda-scaler")
@@ -74,6 +75,30 @@ func TestTLSAndMutualTLS(t *testing.T) {
 	pub.publish(t, "celery", 1, 0)
 	if _, ok := rw.waitFor(1, 30*time.Second); !ok {
 		t.Fatalf("over mTLS: one task, replicas %d, want 1\n%s", rw.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+	}
+
+	// The same ScaledObject over mTLS on the other brokers' worker examples.
+	for _, name := range []string{"rabbitmq", "sqs"} {
+		t.Run(name, func(t *testing.T) {
+			ns := namespace(t, nsName(t, ""))
+			b := newExampleBroker(t, name, ns)
+			secret, deployment, _ := b.workerExample(t)
+			so := find(t, readExample(t, "deploy/examples/tls/scaledobject.yaml"), "ScaledObject")
+			b.fix(t, so)
+			setTrigger(t, so, "queues", "celery")
+			setTrigger(t, so, "scalerAddress", s.Addr)
+			bpub := b.publisher(t)
+			// The queue exists and is empty before KEDA reads it (a missing queue is an error).
+			bpub.publish(t, "celery", 1, 0)
+			bpub.purge(t, "celery")
+			apply(t, ns, secret, deployment, so)
+			waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+			rw := watchReplicas(t, ns, deployment.GetName())
+			bpub.publish(t, "celery", 1, 0)
+			if _, ok := rw.waitFor(1, 30*time.Second); !ok {
+				t.Fatalf("over mTLS on %s: one task, replicas %d, want 1\n%s", name, rw.current().Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+			}
+		})
 	}
 
 	// Only the CA, no client certificate: the scaler refuses the handshake.

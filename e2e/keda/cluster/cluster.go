@@ -107,10 +107,12 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 			return nil, err
 		}
 	}
-	c = &Cluster{cfg: cfg, KedaNamespace: "keda"}
+	started := &Cluster{cfg: cfg, KedaNamespace: "keda"}
+	c = started
 	defer func() {
+		// `return nil, err` has set c to nil by now: stop what was started.
 		if err != nil {
-			c.Stop()
+			started.Stop()
 		}
 	}()
 	if err := c.writeCerts(); err != nil {
