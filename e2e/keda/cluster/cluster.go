@@ -136,6 +136,17 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 	return c, nil
 }
 
+// Pid is the process id of a started control-plane process ("etcd", "kube-apiserver",
+// "kube-controller-manager", "operator", "adapter"), or 0 when it does not run.
+func (c *Cluster) Pid(name string) int {
+	for _, p := range c.procs {
+		if p.name == name && p.cmd.Process != nil {
+			return p.cmd.Process.Pid
+		}
+	}
+	return 0
+}
+
 // Stop ends every process (SIGTERM, then SIGKILL after 10 s), newest first.
 func (c *Cluster) Stop() {
 	for i := len(c.procs) - 1; i >= 0; i-- {

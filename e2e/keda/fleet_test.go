@@ -1,0 +1,285 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+)
+
+// BenchmarkFleet: a fleet of ScaledObjects on one KEDA operator, 100 distinct queue sets with 10
+// ScaledObjects each (CKS_E2E_FLEET_SETS, CKS_E2E_FLEET_PER_SET), all on a redis-server of the
+// benchmark's own, first with our trigger (the Redis worker example: external-push on
+// `fleet-<i>,fleet-<i>.high`, served by a scaler process of the benchmark's own), then with KEDA's
+// built-in `redis` scaler (listName `fleet-<i>`, the example's pollingInterval 30 s). Each fleet is
+// measured for CKS_E2E_FLEET_SECONDS (default 60) twice: idle (every queue empty, every Deployment
+// at 0) and active (5 tasks in every set, every Deployment at 1 replica, so the HPAs read metrics).
+// Run it with:
+//
+//	bash e2e/scripts/run.sh -run '^$' -bench Fleet -benchtime 1x -timeout 60m
+//
+// It reports the scaler's and the operator's CPU and RSS, the broker's commands per second and
+// the TCP connections KEDA holds to the scaler, and appends them to the results file.
+func BenchmarkFleet(b *testing.B) {
+	sets, perSet := envInt("CKS_E2E_FLEET_SETS", 100), envInt("CKS_E2E_FLEET_PER_SET", 10)
+	window := time.Duration(envInt("CKS_E2E_FLEET_SECONDS", 60)) * time.Second
+	r := &ownRedis{}
+	startOwnRedis(b, r)
+	b.Cleanup(func() { r.stop(b) })
+	broker := fmt.Sprintf("redis://127.0.0.1:%d/0", r.port)
+	s, err := startScaler(os.Getenv("CKS_SCALER_BIN"), "scaler-fleet", nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(s.stop)
+	pub := newPublisher(b, broker)
+	for n := 0; n < b.N; n++ {
+		for _, variant := range []string{"ours", "builtin"} {
+			namespaces := createFleet(b, fmt.Sprintf("fleet-%d-%s", n, variant), variant, s.Addr, broker, r.port, sets, perSet)
+			idle := measureFleet(b, variant+" idle", s, r.port, window)
+			for i := 0; i < sets; i++ {
+				pub.publish(b, fmt.Sprintf("fleet-%d", i), 5, 0)
+			}
+			waitFleetReplicas(b, namespaces, sets*perSet, 1, 5*time.Minute)
+			active := measureFleet(b, variant+" active", s, r.port, window)
+			for _, m := range []fleetFigures{idle, active} {
+				b.Logf("%s: %s", m.name, m)
+				writeResult(b, "fleet", map[string]any{
+					"variant": m.name, "scaled_objects": sets * perSet, "queue_sets": sets,
+					"scaler_cpu_pct": m.scalerCPU, "scaler_rss_kib": m.scalerRSS, "operator_cpu_pct": m.operatorCPU,
+					"operator_rss_kib": m.operatorRSS, "broker_commands_per_s": m.commandsPerSecond, "grpc_connections": m.connections,
+				})
+			}
+			deleteFleet(b, namespaces)
+			for i := 0; i < sets; i++ {
+				pub.purge(b, fmt.Sprintf("fleet-%d", i), fmt.Sprintf("fleet-%d.high", i))
+			}
+		}
+	}
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// createFleet creates perSet namespaces, each with the worker example's Secret and one Deployment
+// and ScaledObject per queue set, and waits until every ScaledObject is Ready.
+func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redisPort, sets, perSet int) []string {
+	b.Helper()
+	start := time.Now()
+	objs := readExample(b, "deploy/examples/redis/worker.yaml")
+	secret, deployment, so := find(b, objs, "Secret"), find(b, objs, "Deployment"), find(b, objs, "ScaledObject")
+	set(b, secret, broker, "stringData", "url")
+	setImage(b, deployment)
+	setTrigger(b, so, "scalerAddress", scalerAddr)
+	var namespaces []string
+	for k := 0; k < perSet; k++ {
+		ns := namespace(b, fmt.Sprintf("%s-%d", prefix, k))
+		namespaces = append(namespaces, ns)
+		apply(b, ns, secret)
+		for i := 0; i < sets; i++ {
+			name := fmt.Sprintf("w-%d", i)
+			dep := copyDeployment(b, deployment, name)
+			var o *unstructured.Unstructured
+			if variant == "ours" {
+				o = so.DeepCopy()
+				o.SetName(name)
+				set(b, o, name, "spec", "scaleTargetRef", "name")
+				setTrigger(b, o, "queues", fmt.Sprintf("fleet-%d,fleet-%d.high", i, i))
+			} else {
+				md := builtinRedisMetadata(fmt.Sprintf("fleet-%d", i), 10)
+				md["address"], md["databaseIndex"] = fmt.Sprintf("127.0.0.1:%d", redisPort), "0"
+				o = newScaledObject(name, name, "redis", 30, 300, md)
+			}
+			apply(b, ns, dep, o)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		ready := 0
+		for _, ns := range namespaces {
+			list, err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).List(context.Background(), metav1.ListOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			for i := range list.Items {
+				if c := cluster.FindCondition(&list.Items[i], "Ready"); c != nil && c["status"] == "True" {
+					ready++
+				}
+			}
+		}
+		if ready == sets*perSet {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%d of %d ScaledObjects Ready after 10 min", ready, sets*perSet)
+		}
+		time.Sleep(2 * time.Second)
+	}
+	logf("Fleet %s: %d ScaledObjects Ready in %s", prefix, sets*perSet, time.Since(start).Round(time.Second))
+	return namespaces
+}
+
+// waitFleetReplicas waits until want Deployments in namespaces have exactly replicas.
+func waitFleetReplicas(b testing.TB, namespaces []string, want int, replicas int32, timeout time.Duration) {
+	b.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		n := 0
+		for _, ns := range namespaces {
+			list, err := kube.Client.AppsV1().Deployments(ns).List(context.Background(), metav1.ListOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, d := range list.Items {
+				if d.Spec.Replicas != nil && *d.Spec.Replicas == replicas {
+					n++
+				}
+			}
+		}
+		if n == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%d of %d Deployments at %d replicas after %s", n, want, replicas, timeout)
+		}
+		time.Sleep(2 * time.Second)
+	}
+}
+
+// deleteFleet deletes the ScaledObjects (their HPAs go with them) and Deployments of namespaces.
+func deleteFleet(b testing.TB, namespaces []string) {
+	b.Helper()
+	ctx := context.Background()
+	for _, ns := range namespaces {
+		if err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		if err := kube.Client.AppsV1().Deployments(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+type fleetFigures struct {
+	name                   string
+	scalerCPU, operatorCPU float64 // percent of one core
+	scalerRSS, operatorRSS int64   // KiB at the end of the window
+	commandsPerSecond      float64
+	connections            int // established TCP connections to the scaler's gRPC port
+}
+
+func (f fleetFigures) String() string {
+	return fmt.Sprintf("scaler CPU %.1f%% RSS %d KiB; operator CPU %.1f%% RSS %d KiB; broker %.0f commands/s; %d gRPC connections",
+		f.scalerCPU, f.scalerRSS, f.operatorCPU, f.operatorRSS, f.commandsPerSecond, f.connections)
+}
+
+// measureFleet samples CPU time (/proc/<pid>/stat), the broker's total_commands_processed and the
+// connections at the start and end of window.
+func measureFleet(b testing.TB, name string, s *scalerProcess, redisPort int, window time.Duration) fleetFigures {
+	b.Helper()
+	scalerPid, operatorPid := s.cmd.Process.Pid, kube.Pid("operator")
+	cpu0s, cpu0o, cmd0 := cpuTicks(b, scalerPid), cpuTicks(b, operatorPid), redisCommands(b, redisPort)
+	t0 := time.Now()
+	time.Sleep(window)
+	cpu1s, cpu1o, cmd1 := cpuTicks(b, scalerPid), cpuTicks(b, operatorPid), redisCommands(b, redisPort)
+	secs := time.Since(t0).Seconds()
+	port, _ := strconv.Atoi(s.Addr[strings.LastIndex(s.Addr, ":")+1:])
+	return fleetFigures{
+		name:              name,
+		scalerCPU:         float64(cpu1s-cpu0s) / clockTicks / secs * 100,
+		operatorCPU:       float64(cpu1o-cpu0o) / clockTicks / secs * 100,
+		scalerRSS:         rssKiB(b, scalerPid),
+		operatorRSS:       rssKiB(b, operatorPid),
+		commandsPerSecond: float64(cmd1-cmd0) / secs,
+		connections:       establishedTo(b, port),
+	}
+}
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat's CPU times (100 on Linux).
+const clockTicks = 100
+
+// cpuTicks is utime + stime of a process.
+func cpuTicks(b testing.TB, pid int) int64 {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The command name is in parentheses and may hold spaces: fields start after the last ')'.
+	fields := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+2:]))
+	utime, _ := strconv.ParseInt(fields[11], 10, 64)
+	stime, _ := strconv.ParseInt(fields[12], 10, 64)
+	return utime + stime
+}
+
+func rssKiB(b testing.TB, pid int) int64 {
+	b.Helper()
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			v, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return v
+		}
+	}
+	return 0
+}
+
+// redisCommands is the server's total_commands_processed (INFO stats).
+func redisCommands(b testing.TB, port int) int64 {
+	b.Helper()
+	out, err := exec.Command("redis-cli", "-p", strconv.Itoa(port), "info", "stats").Output()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "total_commands_processed:"); ok {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			return n
+		}
+	}
+	b.Fatalf("no total_commands_processed in INFO stats: %s", out)
+	return 0
+}
+
+// establishedTo counts established TCP connections whose local port is port (the server side of
+// every connection to it), from /proc/net/tcp and tcp6.
+func establishedTo(b testing.TB, port int) int {
+	b.Helper()
+	n := 0
+	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		raw, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(raw), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 4 || f[3] != "01" {
+				continue
+			}
+			local := f[1]
+			p, err := strconv.ParseInt(local[strings.LastIndexByte(local, ':')+1:], 16, 32)
+			if err == nil && int(p) == port {
+				n++
+			}
+		}
+	}
+	return n
+}
