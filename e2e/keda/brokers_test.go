@@ -22,6 +22,7 @@ type exampleBroker struct {
 	pushBound time.Duration
 	dir       string
 	fix       func(t testing.TB, o *unstructured.Unstructured) // scalerAddress and broker keys
+	sqs       sqsSuite                                         // SQS only: endpoint and queue prefix
 }
 
 // brokerNames are the brokers every broker-independent promise is proven on.
@@ -61,10 +62,8 @@ func newExampleBrokerAt(t testing.TB, name, ns, endpoint string) exampleBroker {
 			}
 		}
 	case "sqs":
-		s := newSQSSuite(t)
-		if endpoint != "" {
-			s = newSQSSuiteAt(endpoint)
-		}
+		s := newSQSSuite(t, endpoint)
+		b.sqs = s
 		b.broker, b.queues, b.env, b.probe = s.broker, "celery", []string{s.env()}, s.probeArgs()
 		b.pushBound = 6 * time.Second
 		b.fix = func(t testing.TB, o *unstructured.Unstructured) {

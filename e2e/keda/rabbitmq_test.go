@@ -8,19 +8,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
-// rabbitWorker loads deploy/examples/rabbitmq/worker.yaml with what this machine needs changed:
-// the Secret's URL (a vhost of the test), the image, scalerAddress and managementUrl.
-func rabbitWorker(t testing.TB, amqp, mgmt string) (secret, deployment, so *unstructured.Unstructured) {
-	t.Helper()
-	objs := readExample(t, "deploy/examples/rabbitmq/worker.yaml")
-	secret, deployment, so = find(t, objs, "Secret"), find(t, objs, "Deployment"), find(t, objs, "ScaledObject")
-	set(t, secret, amqp, "stringData", "url")
-	setImage(t, deployment)
-	setTrigger(t, so, "scalerAddress", scaler.Addr)
-	setTrigger(t, so, "managementUrl", mgmt)
-	return secret, deployment, so
-}
-
 // builtinRabbit is a copy of the example's Deployment scaled by KEDA's own `rabbitmq` scaler
 // (QueueLength over AMQP, as a user would set it).
 func builtinRabbit(t testing.TB, deployment *unstructured.Unstructured, amqp, queue string, value int, cooldown, polling int64) (dep, so *unstructured.Unstructured) {
@@ -37,11 +24,11 @@ func builtinRabbit(t testing.TB, deployment *unstructured.Unstructured, amqp, qu
 // counts the 37 ready -> 8.
 func TestRabbitMQHPAScalesWithReservedTasks(t *testing.T) {
 	ns := namespace(t, nsName(t, ""))
-	amqp, mgmt := rabbitVhost(t, ns)
-	pub := newPublisher(t, amqp)
-	secret, deployment, so := rabbitWorker(t, amqp, mgmt)
+	b := newExampleBroker(t, "rabbitmq", ns) // its ScaledObject reads `celery`
+	amqp := b.broker
+	pub := b.publisher(t)
+	secret, deployment, so := b.workerExample(t)
 	setTrigger(t, so, "queueLength", "5")
-	setTrigger(t, so, "queues", "celery")
 	set(t, so, int64(5), "spec", "pollingInterval")
 	bDep, bSO := builtinRabbit(t, deployment, amqp, "celery", 5, 300, 5)
 	pub.publish(t, "celery", 47, 120) // declares the queue; nothing finishes during the test
@@ -67,10 +54,10 @@ func TestRabbitMQHPAScalesWithReservedTasks(t *testing.T) {
 func TestRabbitMQNeverToZeroUnderRunningTasks(t *testing.T) {
 	const cooldown, polling, taskSeconds = 10, 5, 45
 	ns := namespace(t, nsName(t, ""))
-	amqp, mgmt := rabbitVhost(t, ns)
-	pub := newPublisher(t, amqp)
-	secret, deployment, so := rabbitWorker(t, amqp, mgmt)
-	setTrigger(t, so, "queues", "celery")
+	b := newExampleBroker(t, "rabbitmq", ns) // its ScaledObject reads `celery`
+	amqp := b.broker
+	pub := b.publisher(t)
+	secret, deployment, so := b.workerExample(t)
 	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
 	set(t, so, int64(polling), "spec", "pollingInterval")
 	bDep, bSO := builtinRabbit(t, deployment, amqp, "celery", 10, cooldown, polling)
@@ -89,7 +76,7 @@ func TestRabbitMQNeverToZeroUnderRunningTasks(t *testing.T) {
 	startWorkerEnv(t, amqp, []string{"celery"}, 2, fmt.Sprintf("CKS_MARKER_REDIS=%s/%d", redisURL, e2eRedisDB))
 	waitStarted(t, markers, marker, 2)
 	started := time.Now()
-	ended := waitDepthZeroQueues(t, amqp, "celery", "managementUrl="+mgmt)
+	ended := b.waitDrained(t)
 	if ended.Before(started.Add((taskSeconds - 2) * time.Second)) {
 		t.Fatalf("the scaler read 0 at %s, before the tasks could finish", ended.Format("15:04:05"))
 	}

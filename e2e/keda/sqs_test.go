@@ -17,17 +17,15 @@ type sqsSuite struct {
 	endpoint, broker, prefix string
 }
 
-func newSQSSuite(t testing.TB) sqsSuite {
+// newSQSSuite is the suite's moto (endpoint "") or a moto server of the test's own.
+func newSQSSuite(t testing.TB, endpoint string) sqsSuite {
 	t.Helper()
-	endpoint := os.Getenv("CKS_SQS_ENDPOINT")
+	if endpoint == "" {
+		endpoint = os.Getenv("CKS_SQS_ENDPOINT")
+	}
 	if endpoint == "" {
 		t.Fatal("CKS_SQS_ENDPOINT must be set (scripts/test.sh starts moto and sets it)")
 	}
-	return newSQSSuiteAt(endpoint)
-}
-
-// newSQSSuiteAt is newSQSSuite on another SQS endpoint (a moto server of the test's own).
-func newSQSSuiteAt(endpoint string) sqsSuite {
 	endpoint = strings.TrimRight(endpoint, "/")
 	return sqsSuite{
 		endpoint: endpoint,
@@ -47,22 +45,6 @@ func (s sqsSuite) queueURL(celeryQueue string) string {
 // probeArgs are the trigger keys besides brokerUrl and queues for `probe`.
 func (s sqsSuite) probeArgs() []string {
 	return []string{"queueNamePrefix=" + s.prefix, "awsRegion=us-east-1"}
-}
-
-// sqsWorker loads deploy/examples/sqs/worker.yaml with what this machine needs changed: the
-// Secret's URL (moto, with its test keys), the image, scalerAddress, the queue, the prefix and the
-// region (moto keeps queues per region; cks_app uses us-east-1).
-func sqsWorker(t testing.TB, s sqsSuite, queue string) (secret, deployment, so *unstructured.Unstructured) {
-	t.Helper()
-	objs := readExample(t, "deploy/examples/sqs/worker.yaml")
-	secret, deployment, so = find(t, objs, "Secret"), find(t, objs, "Deployment"), find(t, objs, "ScaledObject")
-	set(t, secret, s.broker, "stringData", "url")
-	setImage(t, deployment)
-	setTrigger(t, so, "scalerAddress", scaler.Addr)
-	setTrigger(t, so, "queues", queue)
-	setTrigger(t, so, "queueNamePrefix", s.prefix)
-	setTrigger(t, so, "awsRegion", "us-east-1")
-	return secret, deployment, so
 }
 
 // builtinSQS is a copy of the example's Deployment scaled by KEDA's own `aws-sqs-queue` scaler on
@@ -98,10 +80,11 @@ func builtinSQS(t testing.TB, s sqsSuite, deployment *unstructured.Unstructured,
 // invisible = 47 -> exactly ceil(47/5) = 10 replicas. KEDA's `aws-sqs-queue` scaler, beside it on
 // the same queue, counts invisible messages by default too (scaleOnInFlight): recorded.
 func TestSQSHPAScalesWithInFlightTasks(t *testing.T) {
-	s := newSQSSuite(t)
 	ns := namespace(t, nsName(t, ""))
-	pub := newPublisherEnv(t, s.broker, s.env())
-	secret, deployment, so := sqsWorker(t, s, "celery")
+	b := newExampleBroker(t, "sqs", ns)
+	s := b.sqs
+	pub := b.publisher(t)
+	secret, deployment, so := b.workerExample(t)
 	setTrigger(t, so, "queueLength", "5")
 	set(t, so, int64(5), "spec", "pollingInterval")
 	extra, bDep, bSO := builtinSQS(t, s, deployment, "celery", 5, 300, 5)
@@ -133,10 +116,11 @@ func TestSQSHPAScalesWithInFlightTasks(t *testing.T) {
 // scaler with its defaults (scaleOnInFlight true) reads the same messages: recorded beside it.
 func TestSQSNeverToZeroUnderAcksLateTasks(t *testing.T) {
 	const cooldown, polling, taskSeconds = 10, 5, 45
-	s := newSQSSuite(t)
 	ns := namespace(t, nsName(t, ""))
-	pub := newPublisherEnv(t, s.broker, s.env())
-	secret, deployment, so := sqsWorker(t, s, "celery")
+	b := newExampleBroker(t, "sqs", ns)
+	s := b.sqs
+	pub := b.publisher(t)
+	secret, deployment, so := b.workerExample(t)
 	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
 	set(t, so, int64(polling), "spec", "pollingInterval")
 	extra, bDep, bSO := builtinSQS(t, s, deployment, "celery", 10, cooldown, polling)

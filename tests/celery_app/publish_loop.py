@@ -40,7 +40,7 @@ def purge(cmd):
     purged = 0
     with app.connection_for_write() as conn:
         channel = conn.default_channel
-        if conn.transport_cls == "sqs" or os.environ["CKS_BROKER"].startswith("sqs://"):
+        if conn.transport_cls == "sqs":
             # SQS allows one PurgeQueue per queue a minute: receive and delete instead, as a
             # worker would (this also creates a queue that does not exist yet, as kombu does).
             for queue in cmd["queues"]:
