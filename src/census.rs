@@ -224,22 +224,21 @@ impl Censuses {
                     );
                 }
             }
-            match &result {
-                // Not logged with its message, which quotes hosts (a refused Sentinel-reported
-                // master); the reading that waits for this census counts the refusal.
-                Err(Error::Refused { reason, .. }) => {
-                    self.metrics.census_failure(kind);
-                    tracing::debug!(
+            if let Err(e) = &result {
+                self.metrics.census_failure(kind);
+                match e {
+                    // Not logged with its message, which quotes hosts (a refused
+                    // Sentinel-reported master); the reading that waits for this census counts
+                    // the refusal.
+                    Error::Refused { reason, .. } => tracing::debug!(
                         broker = kind,
                         reason = reason.label(),
                         "Worker census refused"
-                    );
+                    ),
+                    e => {
+                        tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Worker census failed")
+                    }
                 }
-                Err(e) => {
-                    self.metrics.census_failure(kind);
-                    tracing::warn!(broker = kind, error_kind = e.kind(), error = %e, "Worker census failed");
-                }
-                Ok(_) => {}
             }
             tx.send_replace(Some(Snapshot {
                 at: Instant::now(),

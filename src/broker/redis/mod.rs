@@ -31,19 +31,22 @@ use crate::secret::{redact_urls, scrub};
 enum Source {
     /// A fixed address: the manager reconnects to it by itself.
     Direct(ConnectionManager),
-    /// A Sentinel-managed master: resolved on first use and again after a connection error,
+    /// A Sentinel-managed master: looked up on first use and again after a connection error,
     /// so a failover moves the scaler to the new master.
     Sentinel {
-        sentinel: Box<Mutex<SentinelClient>>,
+        lookup: MasterLookup,
         current: Mutex<Option<ConnectionManager>>,
     },
-    /// A Sentinel-managed master of an inline trigger under a host allowlist: looked up by the
-    /// scaler itself, so that the master is checked before any connection to it, on first use
-    /// and again after a connection error.
-    CheckedSentinel {
-        lookup: Box<sentinel::CheckedSentinel>,
-        current: Mutex<Option<ConnectionManager>>,
-    },
+}
+
+/// How a Sentinel-managed master is looked up.
+enum MasterLookup {
+    /// The redis crate's client: named and default brokers, and inline triggers without a host
+    /// allowlist.
+    Crate(Box<Mutex<SentinelClient>>),
+    /// The scaler's own lookup, which checks the reported master before any connection to it:
+    /// inline triggers under a host allowlist.
+    Checked(Box<sentinel::CheckedSentinel>),
 }
 
 /// A Redis broker client, shared by every trigger that names the same [`RedisTarget`].
@@ -85,37 +88,32 @@ impl RedisBroker {
                         "is required with a sentinel:// broker URL (kombu's master_name)",
                     )
                 })?;
-                if let Some(check) = check {
-                    return Ok(RedisBroker {
-                        source: Source::CheckedSentinel {
-                            lookup: Box::new(sentinel::CheckedSentinel {
-                                nodes: nodes.clone(),
-                                master: master.to_string(),
-                                check: check.clone(),
-                                redis: redis_info,
-                                timeout: settings.timeout,
-                            }),
-                            current: Mutex::new(None),
-                        },
-                        target,
-                        config,
-                    });
-                }
-                let addrs = nodes
-                    .iter()
-                    .map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
-                let mut builder =
-                    SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
-                        .map_err(fail)?
-                        .set_client_to_redis_db(target.db);
-                if let Some(user) = &target.username {
-                    builder = builder.set_client_to_redis_username(user);
-                }
-                if let Some(pw) = &target.password {
-                    builder = builder.set_client_to_redis_password(pw.expose());
-                }
+                let lookup = if let Some(check) = check {
+                    MasterLookup::Checked(Box::new(sentinel::CheckedSentinel {
+                        nodes: nodes.clone(),
+                        master: master.to_string(),
+                        check: check.clone(),
+                        redis: redis_info,
+                        timeout: settings.timeout,
+                    }))
+                } else {
+                    let addrs = nodes
+                        .iter()
+                        .map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
+                    let mut builder =
+                        SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+                            .map_err(fail)?
+                            .set_client_to_redis_db(target.db);
+                    if let Some(user) = &target.username {
+                        builder = builder.set_client_to_redis_username(user);
+                    }
+                    if let Some(pw) = &target.password {
+                        builder = builder.set_client_to_redis_password(pw.expose());
+                    }
+                    MasterLookup::Crate(Box::new(Mutex::new(builder.build().map_err(fail)?)))
+                };
                 Source::Sentinel {
-                    sentinel: Box::new(Mutex::new(builder.build().map_err(fail)?)),
+                    lookup,
                     current: Mutex::new(None),
                 }
             }
@@ -135,44 +133,37 @@ impl RedisBroker {
     }
 
     async fn connection(&self) -> Result<ConnectionManager> {
-        match &self.source {
-            Source::Direct(manager) => Ok(manager.clone()),
-            Source::Sentinel { sentinel, current } => {
-                let mut current = current.lock().await;
-                if let Some(conn) = current.as_ref() {
-                    return Ok(conn.clone());
-                }
+        let (lookup, current) = match &self.source {
+            Source::Direct(manager) => return Ok(manager.clone()),
+            Source::Sentinel { lookup, current } => (lookup, current),
+        };
+        let mut current = current.lock().await;
+        if let Some(conn) = current.as_ref() {
+            return Ok(conn.clone());
+        }
+        let manager = match lookup {
+            MasterLookup::Crate(sentinel) => {
                 let client = sentinel
                     .lock()
                     .await
                     .async_get_client()
                     .await
                     .map_err(|e| self.convert(e))?;
-                let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())
-                    .map_err(|e| self.convert(e))?;
-                *current = Some(manager.clone());
-                Ok(manager)
+                ConnectionManager::new_lazy_with_config(client, self.config.clone())
+                    .map_err(|e| self.convert(e))?
             }
-            Source::CheckedSentinel { lookup, current } => {
-                let mut current = current.lock().await;
-                if let Some(conn) = current.as_ref() {
-                    return Ok(conn.clone());
-                }
-                let manager = lookup.master(&self.config, &self.target).await?;
-                *current = Some(manager.clone());
-                Ok(manager)
-            }
-        }
+            MasterLookup::Checked(lookup) => lookup.master(&self.config, &self.target).await?,
+        };
+        *current = Some(manager.clone());
+        Ok(manager)
     }
 
     /// After a connection-level failure, forget a Sentinel-resolved master.
     async fn forget_master(&self, err: &redis::RedisError) {
-        let current = match &self.source {
-            Source::Direct(_) => return,
-            Source::Sentinel { current, .. } | Source::CheckedSentinel { current, .. } => current,
-        };
-        if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
-            *current.lock().await = None;
+        if let Source::Sentinel { current, .. } = &self.source {
+            if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+                *current.lock().await = None;
+            }
         }
     }
 
