@@ -1,392 +1,372 @@
 #!/usr/bin/env bash
-# The project's test command: prepares the brokers the integration tests talk to
-# (Redis, RabbitMQ with the management API, a local SQS from moto), a Python
-# virtualenv with Celery, then runs fmt, clippy and the test suite.
+# The project's test command: prepares everything the suites need (scripts/test-env.sh: Debian
+# packages, the Celery virtualenv, Redis, RabbitMQ with the management API, moto for SQS; and
+# e2e/scripts/build.sh: the control plane from the Go module proxy), then runs the checks and every
+# suite. .ci/run calls exactly `bash scripts/test.sh`.
 #
-#   scripts/test.sh                  everything
-#   scripts/test.sh redis            arguments are passed to `cargo test --all-targets` (without
-#                                    arguments, the broker suites run a second time with the
-#                                    tenancy protections on: CKS_TEST_PROTECTIONS=on)
-#   CKS_SKIP_CHECKS=1 scripts/test.sh    skip `cargo fmt --check`, clippy and the manifest checks
-#   CKS_E2E=only scripts/test.sh     only the KEDA end-to-end suite (e2e/scripts/run.sh)
-#   CKS_E2E=0 scripts/test.sh        everything but the KEDA end-to-end suite (it also does not run
-#                                    when cargo test arguments are given, unless CKS_E2E=1)
-#   eval "$(CKS_ENV_ONLY=1 scripts/test.sh)"
-#                                    only prepare the environment and print `export`
-#                                    lines for it (moto keeps running in the background)
+#   bash scripts/test.sh                      everything, as CI runs it
+#   bash scripts/test.sh SUITE... [-- ARGS]   only the named suites, in that order:
+#       checks      cargo fmt --check, scripts/check-layers.sh, clippy, the manifests, the Helm
+#                   chart, the Docker build context
+#       unit        the unit tests (cargo test --lib --bins)
+#       NAME        the Rust suite tests/NAME.rs (redis, rabbitmq, sqs, service, faults, ...)
+#       protected   redis, rabbitmq, sqs and routing again with the tenancy protections on
+#       benches     the benches, run once as tests
+#       keda        the KEDA end-to-end suite (e2e/scripts/run.sh)
+#     ARGS go to the runner of the one suite named: libtest for a Rust suite
+#     (`redis -- priority --nocapture`), `go test` for keda (`keda -- -run TestRedisPushFromZero`).
+#   CKS_E2E=0 bash scripts/test.sh            everything but the KEDA suite
+#   CKS_SKIP_CHECKS=1 bash scripts/test.sh    everything but the checks
+#   eval "$(bash scripts/test-env.sh)"        only the environment, exported into your shell
 #
-# Knobs: CKS_VENV (virtualenv, default <repo>/.venv).
-# Needs Debian/Ubuntu for the apt step; brokers already running locally are reused.
+# The full run, on 2 cores: the control plane builds (niced) while the environment is prepared and
+# the crate compiles; the manifest and Helm checks run beside clippy; then the Rust suites and the
+# KEDA suite run side by side (their brokers are shared, their places on them are not: Redis
+# database 0 and the suites' own servers, databases 1-15 for KEDA, a vhost or an SQS prefix per
+# test); last, alone, the two tests that stop the shared RabbitMQ (faults'
+# rabbitmq_app_stopped_and_started, KEDA's TestBrokerOutage/rabbitmq). Each lane's output is
+# prefixed with its name and kept in target/test-env/logs.
+#
+# Knobs: CARGO_TARGET_DIR (default ${XDG_CACHE_HOME:-~/.cache}/celery-keda-scaler/target, outside
+# the clone, so a fresh clone recompiles only this crate), CKS_VENV, CKS_E2E_PARALLEL (see
+# e2e/scripts/run.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-ENV_ONLY="${CKS_ENV_ONLY:-0}"
-SKIP_CHECKS="${CKS_SKIP_CHECKS:-0}"
-VENV="${CKS_VENV:-$ROOT/.venv}"
-ENV_DIR="$ROOT/target/test-env"
-REQUIREMENTS="$ROOT/tests/requirements.txt"
+if [ "${CKS_ENV_ONLY:-0}" = 1 ]; then
+    # Older spelling of `bash scripts/test-env.sh`.
+    exec bash scripts/test-env.sh
+fi
 
-REDIS_HOST=127.0.0.1
-REDIS_PORT=6379
-AMQP_PORT=5672
-MGMT_PORT=15672
-WAIT_REDIS=30
-WAIT_RABBIT=120
-WAIT_MGMT=90
-WAIT_MOTO=60
-
-# rabbitmq-* live in /usr/sbin, which is not on a normal user's PATH.
-case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
-export PATH
-
-# Everything except the `export` lines of CKS_ENV_ONLY goes to stderr, so the
-# output can be eval'ed.
+RUN_START=$SECONDS
+LOG_DIR="$ROOT/target/test-env/logs"
+mkdir -p "$LOG_DIR"
 log() { printf '==> %s\n' "$*" >&2; }
-note() { printf '    %s\n' "$*" >&2; }
 die() {
     printf 'error: %s\n' "$*" >&2
     exit 1
 }
+since() { printf '%dm%02ds' $((($SECONDS - $1) / 60)) $((($SECONDS - $1) % 60)); }
 
-SUDO=()
-if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
-    SUDO=(sudo)
-fi
-as_root() {
-    if [ "${#SUDO[@]}" -gt 0 ]; then "${SUDO[@]}" "$@"; else "$@"; fi
-}
+# The two tests that stop the shared RabbitMQ node run alone, after everything else.
+RUST_RABBIT_STOP=rabbitmq_app_stopped_and_started
+KEDA_RABBIT_STOP='TestBrokerOutage/rabbitmq'
+# The broker suites the protected pass runs again (tests/common protected_tenancy()).
+PROTECTED=(redis rabbitmq sqs routing)
 
-START_SECONDS=$SECONDS
-mkdir -p "$ENV_DIR"
+# --- what to run ---------------------------------------------------------------------------
 
-# --- helpers ---------------------------------------------------------------------
-
-port_open() { # host port
-    timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" >/dev/null 2>&1
-}
-
-# Prints the HTTP status of a GET (000 when nothing answers).
-http_status() { # url [user:password]
-    local url=$1 auth=${2:-}
-    if command -v curl >/dev/null 2>&1; then
-        local args=(-s -o /dev/null -w '%{http_code}' --max-time 5)
-        [ -n "$auth" ] && args+=(-u "$auth")
-        curl "${args[@]}" "$url" 2>/dev/null || true
-    else
-        local py
-        py=$(command -v python3 || true)
-        [ -x "$VENV/bin/python" ] && py="$VENV/bin/python"
-        "$py" - "$url" "$auth" <<'PY' 2>/dev/null || echo 000
-import base64, sys, urllib.error, urllib.request
-url, auth = sys.argv[1], sys.argv[2]
-req = urllib.request.Request(url)
-if auth:
-    req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-try:
-    with urllib.request.urlopen(req, timeout=5) as r:
-        print(r.status)
-except urllib.error.HTTPError as e:
-    print(e.code)
-except Exception:
-    print("000")
-PY
-    fi
-}
-
-redis_ping() {
-    [ "$(timeout 5 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null || true)" = PONG ]
-}
-
-rabbit_log_tail() {
-    local f
-    for f in "$ENV_DIR/rabbitmq-start.log" /var/log/rabbitmq/startup_log /var/log/rabbitmq/startup_err /var/log/rabbitmq/*.log; do
-        if [ -s "$f" ]; then
-            printf -- '--- tail of %s ---\n' "$f" >&2
-            as_root tail -n 40 "$f" >&2 || true
-        fi
-    done
-}
-
-# --- 1. Debian packages and the virtualenv (serialised between concurrent runs) ---
-
-if command -v flock >/dev/null 2>&1; then
-    exec 9>"$ENV_DIR/prepare.lock"
-    flock 9
-fi
-
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
-for bin in rabbitmq-server rabbitmqctl rabbitmq-plugins; do
-    if ! command -v "$bin" >/dev/null 2>&1; then
-        missing+=(rabbitmq-server)
-        break
-    fi
+suites=()
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --) shift; args=("$@"); break ;;
+        -*) die "unknown option $1 (suite names first, then -- and the runner's arguments; see the top of $0)" ;;
+        *) suites+=("$1"); shift ;;
+    esac
 done
-if ! command -v python3 >/dev/null 2>&1; then
-    missing+=(python3 python3-venv)
-elif [ ! -x "$VENV/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    missing+=(python3-venv)
-fi
-
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing Debian packages: ${missing[*]}"
-    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
-    if [ "$(id -u)" -ne 0 ] && [ "${#SUDO[@]}" -eq 0 ]; then
-        die "missing ${missing[*]}; run as root or install sudo"
-    fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update >&2
-    # A package's service may fail to start here (no systemd, policy-rc.d); the
-    # services are started below, so only the binaries matter.
-    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2; then
-        note "apt-get install reported an error (often a service that cannot start here); checking the binaries"
-        as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >&2 || true
-    fi
-    for bin in redis-server redis-cli redis-sentinel rabbitmq-server rabbitmqctl rabbitmq-plugins python3; do
-        command -v "$bin" >/dev/null 2>&1 || die "$bin is still missing after apt-get install"
-    done
-fi
-
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
-    log "creating virtualenv $VENV"
-    python3 -m venv "$VENV" >&2
-    rm -f "$VENV/.cks-requirements.sha256"
-fi
-STAMP="$VENV/.cks-requirements.sha256"
-want_sum="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want_sum" ]; then
-    log "pip install -r tests/requirements.txt"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -r "$REQUIREMENTS" >&2
-    printf '%s\n' "$want_sum" >"$STAMP"
-fi
-for bin in python celery moto_server; do
-    [ -x "$VENV/bin/$bin" ] || die "$VENV/bin/$bin is missing; delete $STAMP and re-run"
+rust_suites=()
+for f in tests/*.rs; do rust_suites+=("$(basename "$f" .rs)"); done
+for s in "${suites[@]}"; do
+    case " checks unit protected benches keda ${rust_suites[*]} " in
+        *" $s "*) ;;
+        *) die "no suite '$s': checks, unit, protected, benches, keda or one of ${rust_suites[*]}" ;;
+    esac
 done
-
-if command -v flock >/dev/null 2>&1; then
-    exec 9>&- # daemons started below must not inherit (and hold) the lock
+if [ ${#args[@]} -gt 0 ] && [ ${#suites[@]} -ne 1 ]; then
+    die "arguments after -- go to the runner of exactly one named suite"
 fi
-
-# --- 2. Redis ---------------------------------------------------------------------
-
-if redis_ping; then
-    log "Redis: using the server already answering on $REDIS_HOST:$REDIS_PORT"
-else
-    log "Redis: starting redis-server on $REDIS_HOST:$REDIS_PORT"
-    mkdir -p "$ENV_DIR/redis"
-    : >"$ENV_DIR/redis/redis.log"
-    # A concurrent run may win the race for the port; waiting for PONG covers that.
-    redis-server --daemonize yes --bind "$REDIS_HOST" --port "$REDIS_PORT" \
-        --save "" --appendonly no \
-        --dir "$ENV_DIR/redis" --logfile "$ENV_DIR/redis/redis.log" \
-        --pidfile "$ENV_DIR/redis/redis.pid" >&2 || true
-    deadline=$((SECONDS + WAIT_REDIS))
-    until redis_ping; do
-        if [ $SECONDS -ge $deadline ]; then
-            tail -n 30 "$ENV_DIR/redis/redis.log" >&2 2>/dev/null || true
-            die "Redis did not answer PING on $REDIS_HOST:$REDIS_PORT within ${WAIT_REDIS}s (log: $ENV_DIR/redis/redis.log)"
-        fi
-        sleep 0.2
-    done
+FULL=0
+if [ ${#suites[@]} -eq 0 ]; then
+    FULL=1
+    [ "${CKS_E2E:-1}" = only ] && { suites=(keda); FULL=0; } # older spelling of `keda`
 fi
-export CKS_REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
-
-# --- 3. RabbitMQ with the management API -------------------------------------------
-
-MGMT_URL="http://127.0.0.1:$MGMT_PORT"
-if port_open 127.0.0.1 "$AMQP_PORT"; then
-    log "RabbitMQ: using the broker already listening on 127.0.0.1:$AMQP_PORT"
-else
-    # The node may be up but still booting (e.g. just started by systemd).
-    if timeout 20 "${SUDO[@]}" rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
-        log "RabbitMQ: node is running but not listening yet; waiting for it"
-    else
-        log "RabbitMQ: starting rabbitmq-server -detached"
-        as_root rabbitmq-server -detached >"$ENV_DIR/rabbitmq-start.log" 2>&1 || true
-    fi
-    deadline=$((SECONDS + WAIT_RABBIT))
-    until port_open 127.0.0.1 "$AMQP_PORT"; do
-        if [ $SECONDS -ge $deadline ]; then
-            rabbit_log_tail
-            die "RabbitMQ did not listen on 127.0.0.1:$AMQP_PORT within ${WAIT_RABBIT}s"
-        fi
-        sleep 1
-    done
-    remaining=$((deadline - SECONDS))
-    [ $remaining -lt 15 ] && remaining=15
-    if ! timeout "$remaining" "${SUDO[@]}" rabbitmqctl -q await_startup >&2; then
-        rabbit_log_tail
-        die "rabbitmqctl await_startup failed"
-    fi
-fi
-
-if [ "$(http_status "$MGMT_URL/api/overview" guest:guest)" != 200 ]; then
-    log "RabbitMQ: enabling rabbitmq_management"
-    if ! timeout 120 "${SUDO[@]}" rabbitmq-plugins -q enable rabbitmq_management >&2; then
-        rabbit_log_tail
-        die "rabbitmq-plugins enable rabbitmq_management failed"
-    fi
-    deadline=$((SECONDS + WAIT_MGMT))
-    until [ "$(http_status "$MGMT_URL/api/overview" guest:guest)" = 200 ]; do
-        if [ $SECONDS -ge $deadline ]; then
-            rabbit_log_tail
-            die "RabbitMQ management API $MGMT_URL/api/overview did not answer 200 (guest:guest) within ${WAIT_MGMT}s"
-        fi
-        sleep 1
-    done
-fi
-export CKS_AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT//"
-export CKS_RABBITMQ_MANAGEMENT_URL="$MGMT_URL"
-
-# --- 4. SQS (moto_server) ------------------------------------------------------------
-
-MOTO_PID=""
-MOTO_PORT=""
-cleanup() {
-    if [ -n "$MOTO_PID" ] && [ "$ENV_ONLY" != 1 ]; then
-        kill "$MOTO_PID" 2>/dev/null || true
-        wait "$MOTO_PID" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
-
-moto_alive() { # pid port
-    [ -n "$1" ] && [ -n "$2" ] && kill -0 "$1" 2>/dev/null &&
-        tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q moto_server &&
-        [ "$(http_status "http://127.0.0.1:$2/")" != 000 ]
-}
-
-if [ "$ENV_ONLY" = 1 ]; then
-    # Reuse the moto a previous CKS_ENV_ONLY run left behind.
-    old_pid=$(cat "$ENV_DIR/moto.pid" 2>/dev/null || true)
-    old_port=$(cat "$ENV_DIR/moto.port" 2>/dev/null || true)
-    if moto_alive "$old_pid" "$old_port"; then
-        MOTO_PID=$old_pid
-        MOTO_PORT=$old_port
-        log "SQS: reusing moto_server (pid $MOTO_PID) on 127.0.0.1:$MOTO_PORT"
-    fi
-fi
-if [ -z "$MOTO_PID" ]; then
-    MOTO_PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    log "SQS: starting moto_server on 127.0.0.1:$MOTO_PORT"
-    if [ "$ENV_ONLY" = 1 ]; then
-        # Outlives this script: stdout must not be the caller's $(...) pipe.
-        nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" </dev/null >"$ENV_DIR/moto.log" 2>&1 &
-        MOTO_PID=$!
-        disown "$MOTO_PID" 2>/dev/null || true
-        echo "$MOTO_PID" >"$ENV_DIR/moto.pid"
-        echo "$MOTO_PORT" >"$ENV_DIR/moto.port"
-    else
-        "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" </dev/null >"$ENV_DIR/moto.log" 2>&1 &
-        MOTO_PID=$!
-    fi
-    deadline=$((SECONDS + WAIT_MOTO))
-    until [ "$(http_status "http://127.0.0.1:$MOTO_PORT/")" != 000 ]; do
-        if ! kill -0 "$MOTO_PID" 2>/dev/null; then
-            tail -n 30 "$ENV_DIR/moto.log" >&2 || true
-            die "moto_server exited (log: $ENV_DIR/moto.log)"
-        fi
-        if [ $SECONDS -ge $deadline ]; then
-            tail -n 30 "$ENV_DIR/moto.log" >&2 || true
-            die "moto_server did not answer on 127.0.0.1:$MOTO_PORT within ${WAIT_MOTO}s (log: $ENV_DIR/moto.log)"
-        fi
-        sleep 0.2
-    done
-fi
-export CKS_SQS_ENDPOINT="http://127.0.0.1:$MOTO_PORT"
-
-aws_defaulted=()
-for kv in AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1; do
-    name=${kv%%=*}
-    if [ -z "${!name:-}" ]; then
-        declare -gx "$kv"
-        aws_defaulted+=("$name")
-    fi
-done
-
-# --- 5. Python --------------------------------------------------------------------------
-
-export CKS_PYTHON="$VENV/bin/python"
-export CKS_CELERY="$VENV/bin/celery"
-export PATH="$VENV/bin:$PATH"
-
-log "environment ready in $((SECONDS - START_SECONDS))s"
-note "CKS_REDIS_URL=$CKS_REDIS_URL"
-note "CKS_AMQP_URL=$CKS_AMQP_URL"
-note "CKS_RABBITMQ_MANAGEMENT_URL=$CKS_RABBITMQ_MANAGEMENT_URL"
-note "CKS_SQS_ENDPOINT=$CKS_SQS_ENDPOINT"
-note "CKS_PYTHON=$CKS_PYTHON"
-
-if [ "$ENV_ONLY" = 1 ]; then
-    for name in CKS_REDIS_URL CKS_AMQP_URL CKS_RABBITMQ_MANAGEMENT_URL CKS_SQS_ENDPOINT CKS_PYTHON CKS_CELERY; do
-        printf 'export %s=%q\n' "$name" "${!name}"
-    done
-    # Only the defaults this script chose; never echo real credentials.
-    for name in "${aws_defaulted[@]}"; do
-        printf 'export %s=%q\n' "$name" "${!name}"
-    done
-    # shellcheck disable=SC2016 # $PATH is for the caller's shell to expand
-    printf 'export PATH=%q:"$PATH"\n' "$VENV/bin"
-    printf '# moto_server pid %s (log %s); stop it with: kill %s\n' "$MOTO_PID" "$ENV_DIR/moto.log" "$MOTO_PID"
-    exit 0
-fi
-
-# --- 6. Checks and tests -----------------------------------------------------------------
-
-E2E="${CKS_E2E:-}"
-if [ -z "$E2E" ]; then
-    # Arguments select cargo tests: then only those run, unless CKS_E2E=1 asks for the KEDA suite too.
-    if [ $# -eq 0 ]; then E2E=1; else E2E=0; fi
-fi
-case "$E2E" in
-    0 | 1) ;;
-    only)
-        log "CKS_E2E=only: the KEDA end-to-end suite alone (e2e/scripts/run.sh)"
-        bash e2e/scripts/run.sh
-        exit
-        ;;
-    *) die "CKS_E2E must be 0, 1 or only (got '$E2E')" ;;
-esac
-if [ "$E2E" = 1 ]; then
+case "${CKS_E2E:-1}" in 0 | 1 | only) ;; *) die "CKS_E2E must be 0 or 1 (got '${CKS_E2E}')" ;; esac
+want_keda=0
+if [ $FULL = 1 ] && [ "${CKS_E2E:-1}" != 0 ]; then want_keda=1; fi
+for s in "${suites[@]}"; do [ "$s" = keda ] && want_keda=1; done
+if [ $want_keda = 1 ]; then
     command -v go >/dev/null 2>&1 || die "go is not installed: the KEDA end-to-end suite builds Kubernetes and KEDA from the Go module proxy (Go >= 1.26); CKS_E2E=0 skips it"
 fi
 
-if [ "$SKIP_CHECKS" != 1 ]; then
-    log "cargo fmt --check"
-    cargo fmt --check
-    log "cargo clippy --all-targets -- -D warnings"
-    cargo clippy --all-targets -- -D warnings
-    log "Kubernetes manifests (scripts/validate-manifests.sh)"
-    CKS_VENV="$VENV" bash scripts/validate-manifests.sh >&2
-    # After validate-manifests.sh: it reuses the validators that script installs.
-    log "Helm chart (scripts/check-helm.sh)"
-    CKS_VENV="$VENV" bash scripts/check-helm.sh >&2
-    # Docker cannot run everywhere (not on the CI machines): check instead that the files
-    # .dockerignore lets into the image's build context build the binary with --locked, as the
-    # Dockerfile's builder stage does.
-    log "Docker build context builds with --locked"
-    ctx=$(mktemp -d)
-    grep '^!' .dockerignore | sed 's/^!//; s#/$##' | while read -r item; do cp -r "$item" "$ctx/"; done
-    (cd "$ctx" && CARGO_TARGET_DIR="$ROOT/target" cargo build --locked --bin celery-keda-scaler)
-    rm -rf "$ctx"
-fi
-log "cargo test --all-targets${*:+ $*}"
-cargo test --all-targets "$@"
-if [ $# -eq 0 ]; then
-    # The broker suites again, with the protections of a multi-team cluster on (a loopback-only
-    # broker host allowlist, inline SQS without keys refused): the same triggers must read the
-    # same exact depths (issue 13). tests/common/mod.rs protected_tenancy() says what is on.
-    log "cargo test, broker suites with the tenancy protections on (CKS_TEST_PROTECTIONS=on)"
-    CKS_TEST_PROTECTIONS=on cargo test --test redis --test rabbitmq --test sqs --test routing
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/celery-keda-scaler/target}"
+
+# --- background jobs -----------------------------------------------------------------------
+
+declare -A JOB_PID=()
+# bg NAME COMMAND...: runs a command in the background, its output prefixed with [NAME] and kept
+# in $LOG_DIR/NAME.log; `await NAME` waits for it and returns its status.
+bg() {
+    local name=$1
+    shift
+    (
+        set -o pipefail
+        "$@" 2>&1 | tee "$LOG_DIR/$name.log" | sed -u "s/^/[$name] /"
+    ) &
+    JOB_PID[$name]=$!
+}
+await() {
+    local name=$1 rc=0
+    wait "${JOB_PID[$name]}" || rc=$?
+    unset "JOB_PID[$name]"
+    return $rc
+}
+kill_tree() {
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null || true); do kill_tree "$child"; done
+    kill "$1" 2>/dev/null || true
+}
+stop_jobs() { # at exit: whatever still runs in the background
+    local pid
+    for pid in "${JOB_PID[@]}"; do [ -n "$pid" ] && kill_tree "$pid"; done
+    return 0
+}
+
+# The control plane's first build takes about 20 minutes on 2 cores, most of it while this script
+# waits on apt, pip, brokers and tests: start it first, at low priority.
+if [ $want_keda = 1 ]; then
+    log "control plane: e2e/scripts/build.sh in the background (log: $LOG_DIR/go-build.log)"
+    JOB_PID[go-build]=""
+    (nice -n 10 bash e2e/scripts/build.sh >"$LOG_DIR/go-build.log" 2>&1) &
+    JOB_PID[go-build]=$!
 fi
 
-if [ "$E2E" = 1 ]; then
-    log "KEDA end-to-end suite (e2e/scripts/run.sh)"
-    bash e2e/scripts/run.sh
-else
-    log "KEDA end-to-end suite skipped (CKS_E2E=0, or cargo test arguments given)"
+# shellcheck source=scripts/test-env.sh
+source scripts/test-env.sh
+trap 'stop_jobs; env_cleanup' EXIT
+
+# --- steps ---------------------------------------------------------------------------------
+
+# Every Rust suite's files, as one cargo selection.
+all_tests=()
+for s in "${rust_suites[@]}"; do all_tests+=(--test "$s"); done
+
+checks() {
+    log "cargo fmt --check"
+    cargo fmt --check
+    if [ -f scripts/check-layers.sh ]; then # TEMPORARY until the layer check lands (issue 21)
+        log "layers (scripts/check-layers.sh)"
+        bash scripts/check-layers.sh
+    else
+        log "WARNING: scripts/check-layers.sh does not exist yet"
+    fi
+    # The manifest and Helm checks need no Rust build: they run beside clippy.
+    bg manifests bash -c 'CKS_VENV="$1" bash scripts/validate-manifests.sh && CKS_VENV="$1" bash scripts/check-helm.sh' _ "$VENV"
+    log "cargo clippy --locked --all-targets -- -D warnings"
+    cargo clippy --locked --all-targets -- -D warnings
+    docker_context
+    log "waiting for the manifest and Helm checks"
+    await manifests || die "the manifest or Helm checks failed (log: $LOG_DIR/manifests.log)"
+}
+
+# The files .dockerignore lets into the image's build context must be all the release build reads.
+# Checked without compiling again: every source file in the binary's dep-info (written by the
+# build just made) and every file the build script watches must be in the context, and in a copy
+# of the context the manifest and lock file must resolve with --locked (Cargo.toml's [[bench]]
+# files exist).
+docker_context() {
+    log "Docker build context: the files the build reads, and cargo metadata --locked in a copy"
+    cargo build --locked --bin celery-keda-scaler
+    local allowed=() item f missing=()
+    while read -r item; do allowed+=("${item%/}"); done < <(grep '^!' .dockerignore | sed 's/^!//')
+    in_context() {
+        local a
+        for a in "${allowed[@]}"; do
+            case "$1" in "$a" | "$a"/*) return 0 ;; esac
+        done
+        return 1
+    }
+    local dep="$CARGO_TARGET_DIR/debug/celery-keda-scaler.d"
+    [ -f "$dep" ] || die "no dep-info at $dep"
+    local read_files
+    read_files=$(sed 's/^[^:]*: //' "$dep" | tr ' ' '\n' | grep "^$ROOT/" | sed "s#^$ROOT/##" | sort -u)
+    local watched
+    watched=$(cat "$CARGO_TARGET_DIR"/debug/build/celery-keda-scaler-*/output 2>/dev/null |
+        sed -n 's/^cargo:rerun-if-changed=//p' | sort -u)
+    [ -n "$watched" ] || die "the build script's output (rerun-if-changed lines) was not found under $CARGO_TARGET_DIR/debug/build"
+    for f in $read_files $watched Cargo.toml Cargo.lock build.rs; do
+        in_context "$f" || missing+=("$f")
+    done
+    [ ${#missing[@]} -eq 0 ] || die "the build reads files .dockerignore keeps out of the image's context: ${missing[*]}"
+    local ctx
+    ctx=$(mktemp -d)
+    for item in "${allowed[@]}"; do cp -r "$item" "$ctx/"; done
+    (cd "$ctx" && cargo metadata --locked --offline --format-version 1 >/dev/null) ||
+        { rm -rf "$ctx"; die "Cargo.toml and Cargo.lock do not resolve with --locked from the Docker build context alone"; }
+    rm -rf "$ctx"
+    printf '    %s source files and %s watched files, all in the context\n' \
+        "$(wc -w <<<"$read_files")" "$(wc -w <<<"$watched")" >&2
+}
+
+build_tests() {
+    log "cargo test --locked --all-targets --no-run"
+    cargo test --locked --all-targets --no-run --message-format=json-render-diagnostics >"$LOG_DIR/test-binaries.json"
+    # One line per test binary: target kind, target name, path.
+    "$CKS_PYTHON" - "$LOG_DIR/test-binaries.json" >"$LOG_DIR/test-binaries.txt" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        t = m["target"]
+        print(t["kind"][0], t["name"], m["executable"])
+PY
+    printf '    %s test binaries\n' "$(wc -l <"$LOG_DIR/test-binaries.txt")" >&2
+}
+
+# test_binary KIND NAME: the path of a test binary built by build_tests.
+test_binary() {
+    awk -v k="$1" -v n="$2" '$1 == k && $2 == n { print $3 }' "$LOG_DIR/test-binaries.txt"
+}
+
+# Runs test binaries the way `cargo test` does (from the package root, with CARGO_MANIFEST_DIR),
+# but several at once: they mostly wait on brokers, workers and timers. Each job is
+# "LABEL|ENV|KIND|NAME|ARGS"; its output goes to $LOG_DIR/rust/LABEL.log and is printed whole when
+# it fails. Jobs are started in the order given (longest first).
+run_binaries() { # JOBS... (CKS_RUST_JOBS at once, default 4)
+    local max=${CKS_RUST_JOBS:-4} failed=() job
+    local -A label_of=() start_of=()
+    mkdir -p "$LOG_DIR/rust"
+    for job in "$@"; do
+        while [ ${#label_of[@]} -ge "$max" ]; do reap; done
+        local label env kind name args bin
+        IFS='|' read -r label env kind name args <<<"$job"
+        bin=$(test_binary "$kind" "$name")
+        [ -n "$bin" ] || { failed+=("$label (no $kind binary $name: build_tests did not build it)"); continue; }
+        # shellcheck disable=SC2086 # env and args are word lists
+        (cd "$ROOT" && env CARGO_MANIFEST_DIR="$ROOT" CARGO_PKG_NAME=celery-keda-scaler $env "$bin" $args) \
+            >"$LOG_DIR/rust/$label.log" 2>&1 &
+        label_of[$!]=$label
+        start_of[$!]=$SECONDS
+    done
+    while [ ${#label_of[@]} -gt 0 ]; do reap; done
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'FAILED: %s\n' "${failed[@]}" >&2
+        return 1
+    fi
+}
+# reap: waits for one job of run_binaries and reports it.
+reap() {
+    local pid rc=0
+    wait -n -p pid "${!label_of[@]}" || rc=$?
+    local label=${label_of[$pid]} took=$((SECONDS - ${start_of[$pid]}))
+    unset "label_of[$pid]" "start_of[$pid]"
+    local summary
+    summary=$(grep -E '^test result:' "$LOG_DIR/rust/$label.log" | tail -n 1 || true)
+    if [ $rc -eq 0 ]; then
+        printf 'ok   %-22s %4ss  %s\n' "$label" "$took" "${summary#test result: }"
+    else
+        cat "$LOG_DIR/rust/$label.log"
+        printf 'FAIL %-22s %4ss  exit %s  (log: %s)\n' "$label" "$took" "$rc" "$LOG_DIR/rust/$label.log"
+        failed+=("$label")
+    fi
+}
+
+rust_suite() { # NAME [ARGS]
+    local name=$1
+    shift
+    log "cargo test --locked --test $name${*:+ -- $*}"
+    cargo test --locked --test "$name" ${1+-- "$@"}
+}
+
+protected_pass() { # [ARGS]
+    # The broker suites again, with the protections of a multi-team cluster on (a loopback-only
+    # broker host allowlist, inline SQS without keys refused): the same triggers must read the
+    # same exact depths. The test binaries are the ones already built.
+    local sel=() s
+    for s in "${PROTECTED[@]}"; do sel+=(--test "$s"); done
+    log "cargo test, broker suites with the tenancy protections on (CKS_TEST_PROTECTIONS=on)"
+    CKS_TEST_PROTECTIONS=on cargo test --locked "${sel[@]}" ${1+-- "$@"}
+}
+
+wait_go_build() {
+    if [ -n "${JOB_PID[go-build]:-}" ]; then
+        log "waiting for the control plane build (log: $LOG_DIR/go-build.log)"
+        if ! await go-build; then
+            tail -n 40 "$LOG_DIR/go-build.log" >&2
+            die "e2e/scripts/build.sh failed (log: $LOG_DIR/go-build.log)"
+        fi
+    fi
+}
+
+keda() { # [go test ARGS]
+    wait_go_build
+    bash e2e/scripts/run.sh "$@"
+}
+
+# The Rust lane of the full run: every Rust suite, the benches once as tests and the protected
+# pass, from the binaries build_tests made, four at a time, the longest first; all but the one
+# test that stops the shared RabbitMQ.
+rust_lane() {
+    local jobs=() first=(routing soak faults footprint rabbitmq tenancy sqs) s p
+    local protect="CKS_TEST_PROTECTIONS=on"
+    for s in "${first[@]}"; do
+        for p in "${PROTECTED[@]}"; do
+            [ "$p" = "$s" ] && jobs+=("$s-protected|$protect|test|$s|")
+        done
+        if [ "$s" = faults ]; then jobs+=("faults||test|faults|--skip $RUST_RABBIT_STOP"); else jobs+=("$s||test|$s|"); fi
+    done
+    for s in "${rust_suites[@]}"; do
+        case " ${first[*]} " in *" $s "*) continue ;; esac
+        jobs+=("$s||test|$s|")
+        for p in "${PROTECTED[@]}"; do
+            [ "$p" = "$s" ] && jobs+=("$s-protected|$protect|test|$s|")
+        done
+    done
+    jobs+=("unit-lib||lib|celery_keda_scaler|" "unit-bin||bin|celery-keda-scaler|")
+    for s in benches/*.rs; do jobs+=("bench-$(basename "$s" .rs)||bench|$(basename "$s" .rs)|"); done
+    log "Rust suites: ${#jobs[@]} test binaries, ${CKS_RUST_JOBS:-4} at a time (logs: $LOG_DIR/rust/)"
+    run_binaries "${jobs[@]}"
+}
+
+# --- run -----------------------------------------------------------------------------------
+
+if [ $FULL = 0 ]; then
+    for s in "${suites[@]}"; do
+        case "$s" in
+            checks) checks ;;
+            unit) cargo test --locked --lib --bins ${args[0]+-- "${args[@]}"} ;;
+            protected) protected_pass "${args[@]}" ;;
+            benches) cargo test --locked --bench '*' ;;
+            keda) keda "${args[@]}" ;;
+            *) rust_suite "$s" "${args[@]}" ;;
+        esac
+    done
+    log "test command (${suites[*]}) finished in $(since $RUN_START)"
+    exit 0
 fi
-log "test command finished in $((SECONDS - START_SECONDS))s"
+
+[ "${CKS_SKIP_CHECKS:-0}" = 1 ] || checks
+build_tests
+
+failed=()
+step=$SECONDS
+bg rust rust_lane
+if [ $want_keda = 1 ]; then
+    bg keda keda -skip "$KEDA_RABBIT_STOP"
+fi
+await rust || failed+=("Rust suites (log: $LOG_DIR/rust.log)")
+log "Rust lane done in $(since $step)"
+if [ $want_keda = 1 ]; then
+    await keda || failed+=("KEDA suite (log: $LOG_DIR/keda.log)")
+    log "KEDA lane done in $(since $step)"
+else
+    log "KEDA end-to-end suite skipped (CKS_E2E=0)"
+fi
+
+# Alone: the shared RabbitMQ node is stopped and started again.
+step=$SECONDS
+log "the tests that stop the shared RabbitMQ, alone"
+cargo test --locked --test faults -- --exact "$RUST_RABBIT_STOP" || failed+=("faults $RUST_RABBIT_STOP")
+if [ $want_keda = 1 ]; then
+    keda -run "$KEDA_RABBIT_STOP" || failed+=("KEDA $KEDA_RABBIT_STOP")
+fi
+log "RabbitMQ outages done in $(since $step)"
+
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}" >&2
+    log "test command failed after $(since $RUN_START)"
+    exit 1
+fi
+log "test command finished in $(since $RUN_START)"

@@ -30,10 +30,20 @@ build() {
     if [ -n "${CKS_E2E_ONLY:-}" ] && [[ " $CKS_E2E_ONLY " != *" $dir "* ]]; then
         return
     fi
-    local key
+    local key lock
     key=$(cat "$E2E/$dir/go.mod" "$E2E/$dir/go.sum" | sha256sum | cut -c1-16)
     local out="$CACHE/$dir-$key"
     if [ -f "$out/.complete" ]; then
+        printf '%s\n' "$out"
+        return
+    fi
+    # One build of a module at a time (scripts/test.sh builds in the background while
+    # scripts/check-helm.sh may ask for Helm): the second waits, then finds it built.
+    mkdir -p "$CACHE"
+    exec {lock}>"$CACHE/$dir.lock"
+    flock "$lock"
+    if [ -f "$out/.complete" ]; then
+        exec {lock}>&-
         printf '%s\n' "$out"
         return
     fi
@@ -49,6 +59,7 @@ build() {
     touch "$out.tmp/.complete"
     rm -rf "$out"
     mv "$out.tmp" "$out"
+    exec {lock}>&-
     log "built $dir in $((SECONDS - start))s"
     printf '%s\n' "$out"
 }

@@ -5,12 +5,12 @@
 #   bash e2e/scripts/run.sh                 the whole suite
 #   bash e2e/scripts/run.sh -run Redis      arguments go to `go test`
 #
-# Steps: the brokers and Celery venv (scripts/test.sh in CKS_ENV_ONLY mode, unless CKS_REDIS_URL is
+# Steps: the brokers and Celery venv (scripts/test-env.sh, unless CKS_REDIS_URL is
 # already set), the control plane's binaries (e2e/scripts/build.sh, cached outside the clone), the
 # scaler (cargo build, debug, as the Rust suites use it), gofmt and go vet of every e2e module,
 # then `go test`. Knobs: CKS_E2E_WORKDIR (keep the control plane's files and logs there),
 # CKS_E2E_KEEP=1 (print where the logs are even on success), CKS_SCALER_PROFILE (debug or release),
-# CKS_E2E_PUSH_TRIALS (default 10),
+# CKS_E2E_PUSH_TRIALS (default 10), CKS_E2E_PARALLEL (scenarios at once, default 8),
 # CKS_E2E_RESULTS (JSON lines with the measured figures; default <workdir>/results.jsonl).
 set -euo pipefail
 
@@ -27,9 +27,11 @@ command -v go >/dev/null 2>&1 || die "go is not installed: the control plane is 
 command -v kubectl >/dev/null 2>&1 || die "kubectl is not installed (the manifests scenario renders kustomizations with it)"
 
 if [ -z "${CKS_REDIS_URL:-}" ] || [ -z "${CKS_PYTHON:-}" ]; then
-    log "preparing brokers and the Celery venv (scripts/test.sh, CKS_ENV_ONLY=1)"
-    eval "$(CKS_ENV_ONLY=1 bash scripts/test.sh)"
+    log "preparing brokers and the Celery venv (scripts/test-env.sh)"
+    eval "$(bash scripts/test-env.sh)"
 fi
+# The test command's target directory, outside the clone (scripts/test.sh).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/celery-keda-scaler/target}"
 
 log "control plane binaries (e2e/scripts/build.sh)"
 CKS_E2E_BIN="$(bash e2e/scripts/build.sh)"
@@ -39,11 +41,11 @@ export CKS_E2E_BIN
 # build the test command has already made.
 PROFILE="${CKS_SCALER_PROFILE:-debug}"
 case "$PROFILE" in
-    debug) log "cargo build --bin celery-keda-scaler"; cargo build --bin celery-keda-scaler >&2 ;;
-    release) log "cargo build --release --bin celery-keda-scaler"; cargo build --release --bin celery-keda-scaler >&2 ;;
+    debug) log "cargo build --locked --bin celery-keda-scaler"; cargo build --locked --bin celery-keda-scaler >&2 ;;
+    release) log "cargo build --locked --release --bin celery-keda-scaler"; cargo build --locked --release --bin celery-keda-scaler >&2 ;;
     *) die "CKS_SCALER_PROFILE must be debug or release (got '$PROFILE')" ;;
 esac
-CKS_SCALER_BIN="$(cargo metadata --format-version 1 --no-deps | "${CKS_PYTHON:-python3}" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$PROFILE/celery-keda-scaler"
+CKS_SCALER_BIN="$(cargo metadata --locked --format-version 1 --no-deps | "${CKS_PYTHON:-python3}" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$PROFILE/celery-keda-scaler"
 export CKS_SCALER_BIN
 [ -x "$CKS_SCALER_BIN" ] || die "$CKS_SCALER_BIN was not built"
 
@@ -55,4 +57,6 @@ unformatted="$(gofmt -l e2e)"
 log "go test (e2e/keda), prepared in $((SECONDS - START))s"
 cd e2e/keda
 # One package: go test streams its output (with ./... it holds each package's output until it ends).
-exec go test -count=1 -v -timeout 50m "$@" .
+# Scenarios that own their namespace and their place on the broker run in parallel (t.Parallel);
+# go test's default -parallel is GOMAXPROCS (2 here), too few for scenarios that mostly wait.
+exec go test -count=1 -v -timeout 50m -parallel "${CKS_E2E_PARALLEL:-8}" "$@" .
