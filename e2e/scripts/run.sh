@@ -9,7 +9,8 @@
 # already set), the control plane's binaries (e2e/scripts/build.sh, cached outside the clone), the
 # scaler (cargo build, debug, as the Rust suites use it), gofmt and go vet of every e2e module,
 # then `go test`. Knobs: CKS_E2E_WORKDIR (keep the control plane's files and logs there),
-# CKS_E2E_KEEP=1 (print where the logs are even on success), CKS_SCALER_PROFILE (debug or release),
+# CKS_E2E_KEEP=1 (print where the logs are even on success), CKS_SCALER_BIN (a scaler already built)
+# or CKS_SCALER_PROFILE (debug or release),
 # CKS_E2E_PUSH_TRIALS (default 10), CKS_E2E_PARALLEL (scenarios at once, default 8),
 # CKS_E2E_RESULTS (JSON lines with the measured figures; default <workdir>/results.jsonl).
 set -euo pipefail
@@ -37,17 +38,20 @@ log "control plane binaries (e2e/scripts/build.sh)"
 CKS_E2E_BIN="$(bash e2e/scripts/build.sh)"
 export CKS_E2E_BIN
 
-# CKS_SCALER_PROFILE=release runs the scaler's release build (benchmarks); debug by default, the
-# build the test command has already made.
-PROFILE="${CKS_SCALER_PROFILE:-debug}"
-case "$PROFILE" in
-    debug) log "cargo build --locked --bin celery-keda-scaler"; cargo build --locked --bin celery-keda-scaler >&2 ;;
-    release) log "cargo build --locked --release --bin celery-keda-scaler"; cargo build --locked --release --bin celery-keda-scaler >&2 ;;
-    *) die "CKS_SCALER_PROFILE must be debug or release (got '$PROFILE')" ;;
-esac
-CKS_SCALER_BIN="$(cargo metadata --locked --format-version 1 --no-deps | "${CKS_PYTHON:-python3}" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$PROFILE/celery-keda-scaler"
+# The scaler: CKS_SCALER_BIN when the caller built it (scripts/test.sh passes the binary its
+# `cargo test` built), else a build of CKS_SCALER_PROFILE (debug by default; release for benchmarks).
+if [ -z "${CKS_SCALER_BIN:-}" ]; then
+    PROFILE="${CKS_SCALER_PROFILE:-debug}"
+    case "$PROFILE" in
+        debug) log "cargo build --locked --bin celery-keda-scaler"; cargo build --locked --bin celery-keda-scaler >&2 ;;
+        release) log "cargo build --locked --release --bin celery-keda-scaler"; cargo build --locked --release --bin celery-keda-scaler >&2 ;;
+        *) die "CKS_SCALER_PROFILE must be debug or release (got '$PROFILE')" ;;
+    esac
+    CKS_SCALER_BIN="$(cargo metadata --locked --format-version 1 --no-deps | "${CKS_PYTHON:-python3}" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$PROFILE/celery-keda-scaler"
+fi
 export CKS_SCALER_BIN
 [ -x "$CKS_SCALER_BIN" ] || die "$CKS_SCALER_BIN was not built"
+log "scaler: $CKS_SCALER_BIN"
 
 log "gofmt and go vet (e2e)"
 unformatted="$(gofmt -l e2e)"
