@@ -223,6 +223,9 @@ REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 CA_BUNDLE="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
 [ -f "$CA_BUNDLE" ] || die "no CA bundle at $CA_BUNDLE (install ca-certificates, or set SSL_CERT_FILE)"
 
+# podman 4.3 (buildah 1.28) reuses a cached LABEL step when only the value of the build argument it
+# uses changed (containers/buildah#5501): a commit that leaves the binary alike would keep the old
+# revision label. --label sets it on the final image whatever the cache holds (README, step 0).
 log "podman build -t $IMAGE . ($("$TOOLCHAIN/bin/rustc" --version) mounted from $TOOLCHAIN)"
 TIMEFORMAT='%R %U %S'
 if ! { time podman build --pull=never --network=host \
@@ -231,6 +234,7 @@ if ! { time podman build --pull=never --network=host \
     --build-arg "RUST_IMAGE=$BUILDER_BASE" \
     --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" \
     --build-arg "REVISION=$REVISION" \
+    --label "org.opencontainers.image.revision=$REVISION" \
     -t "$IMAGE" -f Dockerfile . >"$LOGS/build.log" 2>&1; } 2>"$LOGS/build.time"; then
     die "podman build failed: $(why "$LOGS/build.log") (log: $LOGS/build.log)"
 fi
