@@ -100,27 +100,25 @@ log "$(podman --version), runtime $(podman info --format '{{.Host.OCIRuntime.Nam
 # --- 3. stand-in base images ---------------------------------------------------------------------
 
 # The builder tree: Debian minbase with the C toolchain. Its apt cache is dropped (not in the image).
+# (Called in a condition, where errexit does not apply: every step says `|| return 1`.)
 make_builder_rootfs() { # dir
-    debootstrap --variant=minbase --include="$BUILDER_PACKAGES" "$SUITE" "$1" "$MIRROR"
-    rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*
-    mkdir -p "$1/usr/local/cargo" "$1$TOOLCHAIN_MOUNT"
+    debootstrap --variant=minbase --include="$BUILDER_PACKAGES" "$SUITE" "$1" "$MIRROR" || return 1
+    rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/* || return 1
+    mkdir -p "$1/usr/local/cargo" "$1$TOOLCHAIN_MOUNT" || return 1
 }
 
 # The runtime tree, cut from the builder tree: only the files of RUNTIME_PACKAGES (no docs), the
 # CA bundle, passwd/group with distroless' users, and distroless' directories. No shell.
 make_runtime_rootfs() { # builder-dir dir
-    local src=$1 dst=$2 p list
-    mkdir -p "$dst/usr/bin" "$dst/usr/lib" "$dst/usr/lib64" "$dst/usr/sbin"
-    ln -s usr/bin "$dst/bin"
-    ln -s usr/lib "$dst/lib"
-    ln -s usr/lib64 "$dst/lib64"
-    ln -s usr/sbin "$dst/sbin"
-    : >"$dst.files"
+    local src=$1 dst=$2 p list f
+    mkdir -p "$dst/usr/bin" "$dst/usr/lib" "$dst/usr/lib64" "$dst/usr/sbin" || return 1
+    for p in bin lib lib64 sbin; do ln -s "usr/$p" "$dst/$p" || return 1; done
+    : >"$dst.files" || return 1
     for p in "${RUNTIME_PACKAGES[@]}"; do
         list="$src/var/lib/dpkg/info/$p:amd64.list"
         [ -f "$list" ] || list="$src/var/lib/dpkg/info/$p.list"
         [ -f "$list" ] || {
-            echo "no file list for $p in the builder tree"
+            echo "error: no file list for $p in the builder tree"
             return 1
         }
         while IFS= read -r f; do
@@ -128,24 +126,32 @@ make_runtime_rootfs() { # builder-dir dir
             if [ -L "$src$f" ] || [ -f "$src$f" ]; then printf '%s\n' "${f#/}" >>"$dst.files"; fi
         done <"$list"
     done
-    tar -C "$src" --no-recursion -cf - -T "$dst.files" | tar -C "$dst" --keep-directory-symlink -xpf -
+    tar -C "$src" --no-recursion -cf - -T "$dst.files" | tar -C "$dst" --keep-directory-symlink -xpf - || return 1
     rm -f "$dst.files"
-    mkdir -p "$dst/etc/ssl" "$dst/usr/share"
-    cp -a "$src/etc/ssl/certs" "$dst/etc/ssl/"
-    cp -a "$src/usr/share/ca-certificates" "$dst/usr/share/"
-    cp -a "$src/etc/ld.so.cache" "$dst/etc/"
+    mkdir -p "$dst/etc/ssl" "$dst/usr/share" || return 1
+    cp -a "$src/etc/ssl/certs" "$dst/etc/ssl/" || return 1
+    cp -a "$src/usr/share/ca-certificates" "$dst/usr/share/" || return 1
+    cp -a "$src/etc/ld.so.cache" "$dst/etc/" || return 1
     printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' \
         'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin' \
-        'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$dst/etc/passwd"
-    printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'tty:x:5:' 'staff:x:50:' 'nonroot:x:65532:' >"$dst/etc/group"
+        'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$dst/etc/passwd" || return 1
+    printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'tty:x:5:' 'staff:x:50:' 'nonroot:x:65532:' >"$dst/etc/group" || return 1
     printf '%s\n' 'passwd: files' 'group: files' 'shadow: files' 'hosts: files dns' \
-        'networks: files' 'protocols: files' 'services: files' >"$dst/etc/nsswitch.conf"
-    mkdir -p "$dst/tmp" "$dst/root" "$dst/home/nonroot" "$dst/var" "$dst/proc" "$dst/sys" "$dst/dev"
-    chmod 1777 "$dst/tmp"
-    chmod 0700 "$dst/root" "$dst/home/nonroot"
-    chown 65532:65532 "$dst/home/nonroot"
+        'networks: files' 'protocols: files' 'services: files' >"$dst/etc/nsswitch.conf" || return 1
+    mkdir -p "$dst/tmp" "$dst/root" "$dst/home/nonroot" "$dst/var" "$dst/proc" "$dst/sys" "$dst/dev" || return 1
+    chmod 1777 "$dst/tmp" || return 1
+    chmod 0700 "$dst/root" "$dst/home/nonroot" || return 1
+    chown 65532:65532 "$dst/home/nonroot" || return 1
+    # What the binary needs (ldd: libc, libm, libgcc_s and the loader) and the CA bundle.
+    for f in usr/lib/x86_64-linux-gnu/libc.so.6 usr/lib/x86_64-linux-gnu/libm.so.6 \
+        usr/lib/x86_64-linux-gnu/libgcc_s.so.1 lib64/ld-linux-x86-64.so.2 etc/ssl/certs/ca-certificates.crt; do
+        [ -e "$dst/$f" ] || {
+            echo "error: the runtime tree lacks /$f"
+            return 1
+        }
+    done
     if [ -e "$dst/bin/sh" ] || [ -e "$dst/usr/bin/bash" ]; then
-        echo "the runtime tree has a shell"
+        echo "error: the runtime tree has a shell"
         return 1
     fi
 }

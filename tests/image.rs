@@ -823,10 +823,23 @@ fn check_process(shape: &Shape, ctr: &Container) {
 
     let pid = ctr.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    // runAsUser unset: the image's USER (65532), which runAsNonRoot accepts because it is numeric
-    // and not 0.
-    let uid = s.user.unwrap_or(65532);
-    let gid = s.group.unwrap_or(65532);
+    // runAsUser / runAsGroup unset: the image's USER, which runAsNonRoot accepts only numeric.
+    let image_user = output(
+        podman(&["image", "inspect", "--format", "{{.Config.User}}", &image()]),
+        "podman image inspect",
+    );
+    let (image_uid, image_gid) = image_user
+        .trim()
+        .split_once(':')
+        .unwrap_or((image_user.trim(), "0"));
+    let uid = s
+        .user
+        .unwrap_or_else(|| image_uid.parse().expect("a numeric USER in the image"));
+    let gid = s.group.unwrap_or_else(|| {
+        image_gid
+            .parse()
+            .expect("a numeric group in the image's USER")
+    });
     assert_ne!(uid, 0, "{name}: runs as root");
     assert_eq!(
         status_field(&status, "Uid"),
