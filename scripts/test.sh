@@ -10,6 +10,8 @@
 #                   chart, the Docker build context
 #       unit        the unit tests (cargo test --lib --bins)
 #       NAME        the Rust suite tests/NAME.rs (redis, rabbitmq, sqs, service, faults, ...)
+#       image       the container image: scripts/image.sh builds it, tests/image.rs runs it as the
+#                   manifests do
 #       protected   redis, rabbitmq, sqs and routing again with the tenancy protections on
 #       benches     the benches, run once as tests
 #       keda        the KEDA end-to-end suite (e2e/scripts/run.sh)
@@ -24,7 +26,8 @@
 # KEDA suite run side by side (their brokers are shared, their places on them are not: Redis
 # database 0 and the suites' own servers, databases 1-15 for KEDA, a vhost or an SQS prefix per
 # test); last, alone, the two tests that stop the shared RabbitMQ (faults'
-# rabbitmq_app_stopped_and_started, KEDA's TestBrokerOutage/rabbitmq). Each lane's output is
+# rabbitmq_app_stopped_and_started, KEDA's TestBrokerOutage/rabbitmq). The container image is built
+# and run in a third lane beside them. Each lane's output is
 # prefixed with its name and kept in target/test-env/logs.
 #
 # Knobs: CARGO_TARGET_DIR (default ${XDG_CACHE_HOME:-~/.cache}/celery-keda-scaler/target, outside
@@ -72,7 +75,7 @@ for f in tests/*.rs; do rust_suites+=("$(basename "$f" .rs)"); done
 for s in "${suites[@]}"; do
     case " checks unit protected benches keda ${rust_suites[*]} " in
         *" $s "*) ;;
-        *) die "no suite '$s': checks, unit, protected, benches, keda or one of ${rust_suites[*]}" ;;
+        *) die "no suite '$s': checks, unit, protected, benches, keda, image or one of ${rust_suites[*]}" ;;
     esac
 done
 if [ ${#args[@]} -gt 0 ] && [ ${#suites[@]} -ne 1 ]; then
@@ -281,6 +284,23 @@ protected_pass() { # [ARGS]
     CKS_TEST_PROTECTIONS=on cargo test --locked "${sel[@]}" ${1+-- "$@"}
 }
 
+# The container image (scripts/image.sh: podman, offline stand-in base images, the Dockerfile's
+# build), then tests/image.rs, which runs it as each manifest does (it renders the Helm chart).
+image() { # [libtest ARGS]
+    CKS_E2E_ONLY=helm bash e2e/scripts/build.sh >/dev/null
+    log "container image (scripts/image.sh)"
+    bash scripts/image.sh
+    rust_suite image "$@"
+}
+
+# The image lane of the full run: the image, then the test binary build_tests made.
+image_lane() {
+    CKS_E2E_ONLY=helm bash e2e/scripts/build.sh >/dev/null
+    log "container image (scripts/image.sh)"
+    bash scripts/image.sh
+    run_binaries "image||test|image|"
+}
+
 wait_go_build() {
     if [ -n "${JOB_PID[go-build]:-}" ]; then
         log "waiting for the control plane build (log: $LOG_DIR/go-build.log)"
@@ -309,7 +329,8 @@ rust_lane() {
         if [ "$s" = faults ]; then jobs+=("faults||test|faults|--skip $RUST_RABBIT_STOP"); else jobs+=("$s||test|$s|"); fi
     done
     for s in "${rust_suites[@]}"; do
-        case " ${first[*]} " in *" $s "*) continue ;; esac
+        # image runs in a lane of its own, after the image is built.
+        case " ${first[*]} image " in *" $s "*) continue ;; esac
         jobs+=("$s||test|$s|")
         for p in "${PROTECTED[@]}"; do
             [ "$p" = "$s" ] && jobs+=("$s-protected|$protect|test|$s|")
@@ -336,6 +357,7 @@ if [ $FULL = 0 ]; then
             protected) protected_pass "${args[@]}" ;;
             benches) cargo test --locked --bench '*' ;;
             keda) keda "${args[@]}" ;;
+            image) image "${args[@]}" ;;
             *) rust_suite "$s" "${args[@]}" ;;
         esac
     done
@@ -359,6 +381,7 @@ bg rust rust_lane
 if [ $want_keda = 1 ]; then
     bg keda keda -skip "$KEDA_RABBIT_STOP"
 fi
+bg image image_lane
 await rust || failed+=("Rust suites (log: $LOG_DIR/rust.log)")
 log "Rust lane done in $(since $step)"
 if [ $want_keda = 1 ]; then
@@ -367,6 +390,8 @@ if [ $want_keda = 1 ]; then
 else
     log "KEDA end-to-end suite skipped (CKS_E2E=0)"
 fi
+await image || failed+=("container image (log: $LOG_DIR/image.log)")
+log "image lane done in $(since $step)"
 
 # Alone: the shared RabbitMQ node is stopped and started again.
 step=$SECONDS
