@@ -166,11 +166,12 @@ await_checks() {
 }
 
 # The files .dockerignore lets into the image's build context must be all the release build reads.
-# Checked without compiling again: every source file in the binary's dep-info (written by the
-# build just made), every file the build script watches, and the source file of every target
-# Cargo.toml declares but tests (a declared [[bench]] whose file is missing fails `cargo build`)
-# must be let in.
-docker_context() {
+# Checked without compiling again, from what the build just made (JSON messages of cargo, argument
+# 1): every source file in the dep-info of the library and of the binary (rustc's own, next to the
+# artifact in deps/: `cargo test` does not copy the binary's dep-info beside it), every file the
+# build script watches, and the source file of every target Cargo.toml declares but tests (a
+# declared [[bench]] whose file is missing fails `cargo build`).
+docker_context() { # CARGO_JSON
     log "Docker build context: the files the build reads are let in by .dockerignore"
     local allowed=() item f missing=()
     while read -r item; do allowed+=("${item%/}"); done < <(grep '^!' .dockerignore | sed 's/^!//')
@@ -181,12 +182,49 @@ docker_context() {
         done
         return 1
     }
-    local dep="$CARGO_TARGET_DIR/debug/celery-keda-scaler.d"
-    [ -f "$dep" ] || die "no dep-info at $dep (the binary was not built)"
     local read_files watched targets
-    read_files=$(sed 's/^[^:]*: //' "$dep" | tr ' ' '\n' | grep "^$ROOT/" | sed "s#^$ROOT/##" | sort -u)
+    read_files=$("$CKS_PYTHON" - "$1" "$ROOT" <<'PY'
+import glob, json, os, sys
+messages, root = sys.argv[1], sys.argv[2]
+deps = set()  # the dep-info files of the package's library and binary
+for line in open(messages):
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or m["profile"]["test"]:
+        continue
+    if not m["package_id"].startswith("path+file://"):
+        continue
+    kind = m["target"]["kind"]
+    if "lib" in kind:
+        rlib = next(f for f in m["filenames"] if f.endswith(".rlib"))
+        d = os.path.join(os.path.dirname(rlib), os.path.basename(rlib)[3:-5] + ".d")
+        deps.add(d)
+    elif "bin" in kind:
+        # The binary beside target/debug is a hard link of rustc's output in deps/.
+        exe = m["executable"]
+        stem = m["target"]["name"].replace("-", "_")
+        for f in glob.glob(os.path.join(os.path.dirname(exe), "deps", stem + "-*")):
+            if not f.endswith(".d") and os.path.samefile(f, exe):
+                deps.add(f + ".d")
+if len(deps) != 2:
+    sys.exit("expected the dep-info of one library and one binary, found: %s" % sorted(deps))
+files = set()
+for d in deps:
+    for line in open(d):
+        if line.startswith("#") or ":" not in line:
+            continue
+        for word in line.split(":", 1)[1].split():
+            if os.path.isabs(word):
+                if not word.startswith(root + "/"):
+                    continue  # OUT_DIR, the registry
+                word = word[len(root) + 1:]
+            files.add(word)
+if not files:
+    sys.exit("no source files in %s" % sorted(deps))
+print("\n".join(sorted(files)))
+PY
+    ) || die "could not read the dep-info of the build (cargo messages: $1)"
     watched=$(cat "$CARGO_TARGET_DIR"/debug/build/celery-keda-scaler-*/output 2>/dev/null |
-        sed -n 's/^cargo:rerun-if-changed=//p' | sort -u)
+        sed -n 's/^cargo:rerun-if-changed=//p' | sort -u || true)
     [ -n "$watched" ] || die "the build script's output (rerun-if-changed lines) was not found under $CARGO_TARGET_DIR/debug/build"
     targets=$(cargo metadata --locked --offline --no-deps --format-version 1 | "$CKS_PYTHON" -c '
 import json, os, sys
@@ -349,8 +387,8 @@ if [ $FULL = 0 ]; then
         case "$s" in
             checks)
                 checks
-                cargo build --locked --bin celery-keda-scaler
-                docker_context
+                cargo build --locked --bin celery-keda-scaler --message-format=json-render-diagnostics >"$LOG_DIR/build.json"
+                docker_context "$LOG_DIR/build.json"
                 await_checks
                 ;;
             unit) cargo test --locked --lib --bins ${args[0]+-- "${args[@]}"} ;;
@@ -371,7 +409,7 @@ build_tests
 # features; a plain `cargo build` would compile the dependencies a second time).
 export CKS_SCALER_BIN="$CARGO_TARGET_DIR/debug/celery-keda-scaler"
 if [ "${CKS_SKIP_CHECKS:-0}" != 1 ]; then
-    docker_context
+    docker_context "$LOG_DIR/test-binaries.json"
     await_checks
 fi
 
