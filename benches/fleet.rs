@@ -8,32 +8,17 @@
 //! for the throughput part). Under `cargo test --all-targets` it only checks that it was built.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
-use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use celery_keda_scaler::proto::GetMetricsRequest;
 use prost::Message;
 use tokio_stream::StreamExt;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{admin_get_at, free_port, meta, metric_in, object_ref, rss_kib, ChildGuard};
 
 fn redis_calls(conn: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
@@ -55,33 +40,17 @@ fn redis_clients(conn: &mut redis::Connection) -> usize {
     list.lines().count()
 }
 
-fn meta(url: &str, queues: &str, name: &str) -> HashMap<String, String> {
-    [("brokerUrl", url), ("queues", queues), ("metricName", name)]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+/// Trigger metadata for `queues` on `url`, with its own metric name.
+fn fleet_meta(url: &str, queues: &str, name: &str) -> HashMap<String, String> {
+    meta(&[("brokerUrl", url), ("queues", queues), ("metricName", name)])
 }
 
-fn object(m: HashMap<String, String>) -> ScaledObjectRef {
-    ScaledObjectRef {
-        name: "so".into(),
-        namespace: "bench".into(),
-        scaler_metadata: m,
-    }
-}
-
+/// A gauge or counter of the scaler's admin port (0 when absent).
 async fn metric(admin: u16, prefix: &str) -> f64 {
-    let body = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+    let body = admin_get_at(([127, 0, 0, 1], admin).into(), "/metrics")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .1;
+    metric_in(&body, prefix).unwrap_or(0.0)
 }
 
 fn grpc_frame(msg: &[u8]) -> Vec<u8> {
@@ -117,16 +86,9 @@ fn h2load(port: u16, path: &str, body: &[u8], n: u64) -> Option<(f64, String)> {
 }
 
 struct Server {
-    child: Child,
+    child: ChildGuard,
     grpc: u16,
     admin: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(bin: &str) -> Server {
@@ -148,7 +110,11 @@ fn start(bin: &str) -> Server {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(5));
     }
-    Server { child, grpc, admin }
+    Server {
+        child: ChildGuard(child),
+        grpc,
+        admin,
+    }
 }
 
 fn main() {
@@ -171,7 +137,7 @@ fn main() {
         let server = start(&bin);
         let q = format!("bench-fleet-{}", std::process::id());
         let req = GetMetricsRequest {
-            scaled_object_ref: Some(object(meta(&url, &q, "so"))),
+            scaled_object_ref: Some(object_ref(&fleet_meta(&url, &q, "so"))),
             metric_name: "so".into(),
         };
         let body = grpc_frame(&req.encode_to_vec());
@@ -220,13 +186,14 @@ fn main() {
         for cycle in 0..cycles {
             let calls = (0..1000).map(|i| {
                 let mut c = client.clone();
-                let m = meta(&url, &format!("bench-fleet-set-{}", i % 100), &format!("so-{i}"));
+                let m = fleet_meta(
+&url, &format!("bench-fleet-set-{}", i % 100), &format!("so-{i}"));
                 async move {
-                    c.get_metric_spec(object(m.clone())).await.unwrap();
-                    c.get_metrics(GetMetricsRequest { scaled_object_ref: Some(object(m.clone())), metric_name: "x".into() })
+                    c.get_metric_spec(object_ref(&m)).await.unwrap();
+                    c.get_metrics(GetMetricsRequest { scaled_object_ref: Some(object_ref(&m)), metric_name: "x".into() })
                         .await
                         .unwrap();
-                    c.is_active(object(m)).await.unwrap();
+                    c.is_active(object_ref(&m)).await.unwrap();
                 }
             });
             futures::future::join_all(calls).await;
@@ -258,20 +225,24 @@ fn main() {
             "  {:>6} {:>6} {:>10} {:>16} {:>16}",
             "streams", "polls", "RSS KiB", "Redis cmds/s", "expected cmds/s"
         );
-        let idle = rss_kib(server.child.id());
+        let idle = rss_kib(server.child.0.id());
         println!("  {:>6} {:>6} {:>10} {:>16} {:>16}", 0, 0, idle, "-", "-");
         for n in [1usize, 10, 100, 1000, 10_000] {
             let distinct = n.min(100);
             let mut streams = Vec::with_capacity(n);
             for i in 0..n {
                 let mut c = ExternalScalerClient::new(channel.clone());
-                let m = meta(
+                let m = fleet_meta(
                     &url,
                     &format!("bench-stream-set-{}", i % distinct),
                     &format!("s-{i}"),
                 );
                 streams.push(tokio::spawn(async move {
-                    let mut s = c.stream_is_active(object(m)).await.unwrap().into_inner();
+                    let mut s = c
+                        .stream_is_active(object_ref(&m))
+                        .await
+                        .unwrap()
+                        .into_inner();
                     while let Some(_msg) = s.next().await {}
                 }));
             }
@@ -294,7 +265,7 @@ fn main() {
                 "  {:>6} {:>6} {:>10} {:>16.0} {:>16.0}",
                 n,
                 polls,
-                rss_kib(server.child.id()),
+                rss_kib(server.child.0.id()),
                 per_s,
                 expected
             );

@@ -9,13 +9,17 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::broker_env::BrokerEnv;
 use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
-use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
-use celery_keda_scaler::server::{serve, ServeSettings};
+use celery_keda_scaler::proto::GetMetricsRequest;
+use celery_keda_scaler::server::ServeSettings;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use tonic::transport::Channel;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{amqp_channel, meta, object_ref, Scaler};
 
 const RUNS: usize = 2000;
 const WARMUP: usize = 200;
@@ -54,11 +58,7 @@ async fn get_metrics(
     meta: &HashMap<String, String>,
 ) -> Vec<Duration> {
     let req = GetMetricsRequest {
-        scaled_object_ref: Some(ScaledObjectRef {
-            name: "bench".into(),
-            namespace: "bench".into(),
-            scaler_metadata: meta.clone(),
-        }),
+        scaled_object_ref: Some(object_ref(meta)),
         metric_name: "x".into(),
     };
     time(|| {
@@ -71,34 +71,25 @@ async fn get_metrics(
     .await
 }
 
-fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("get_metrics: built; run it with `cargo bench --bench get_metrics`");
         return;
     }
-    celery_keda_scaler::install_crypto_provider();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // Two servers: every call reads the broker (`--result-window 0s`), and the default
         // 250 ms window that answers repeated polls of the same queues.
-        let mut clients = Vec::new();
+        let (mut scalers, mut clients) = (Vec::new(), Vec::new());
         for window in [Duration::ZERO, ServeSettings::default().result_window] {
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = grpc.local_addr().unwrap();
             let settings = ServeSettings {
                 result_window: window,
                 ..ServeSettings::default()
             };
-            tokio::spawn(serve(grpc, None, BrokerEnv::default(), settings, std::future::pending()));
+            let scaler = Scaler::start_with(BrokerEnv::default(), settings).await;
             let label = if window.is_zero() { "every call reads" } else { "repeated, 250 ms window" };
-            clients.push((label, ExternalScalerClient::connect(format!("http://{addr}")).await.unwrap()));
+            clients.push((label, scaler.client().await));
+            scalers.push(scaler);
         }
         // --- Redis: 4 priority lists + the unacked hash, one pipeline.
         let redis_url = std::env::var("CKS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -139,16 +130,7 @@ fn main() {
             .await
             .unwrap();
         assert!(r.status().is_success());
-        let u = url::Url::parse(&amqp).unwrap();
-        let lapin_url = format!(
-            "amqp://{}:{}@{}:{}/%2f",
-            u.username(),
-            u.password().unwrap_or(""),
-            u.host_str().unwrap(),
-            u.port().unwrap_or(5672)
-        );
-        let conn = lapin::Connection::connect(&lapin_url, lapin::ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
+        let (_connection, ch) = amqp_channel(&amqp).await;
         let raw_amqp = time(|| {
             let ch = ch.clone();
             let q = qname.clone();

@@ -10,14 +10,13 @@
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it only checks that it was built.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use celery_keda_scaler::metadata::BrokerEnv;
-use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
-use celery_keda_scaler::proto::ScaledObjectRef;
-use celery_keda_scaler::server::{serve, ServeSettings};
 use tokio_stream::StreamExt;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{amqp_channel, free_port, meta, object_ref, rss_kib, Scaler};
 
 const PUSH_RUNS: usize = 100;
 const START_RUNS: usize = 20;
@@ -107,52 +106,20 @@ async fn push_latency(url: &str) -> Vec<Duration> {
 }
 
 async fn push_latency_rabbit(amqp: &str) -> Vec<Duration> {
-    let u = url::Url::parse(amqp).unwrap();
-    let lapin_url = format!(
-        "amqp://{}:{}@{}:{}/%2f",
-        u.username(),
-        u.password().unwrap_or(""),
-        u.host_str().unwrap(),
-        u.port().unwrap_or(5672)
-    );
-    let conn = lapin::Connection::connect(&lapin_url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    push_latency_on(amqp, Broker::Rabbit(ch)).await
+    let (_connection, channel) = amqp_channel(amqp).await;
+    push_latency_on(amqp, Broker::Rabbit(channel)).await
 }
 
 async fn push_latency_on(url: &str, mut broker: Broker) -> Vec<Duration> {
-    celery_keda_scaler::install_crypto_provider();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        grpc,
-        None,
-        BrokerEnv::default(),
-        ServeSettings::default(),
-        async {
-            let _ = rx.await;
-        },
-    ));
-    let mut client = ExternalScalerClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
     let mut samples = Vec::with_capacity(PUSH_RUNS);
     for i in 0..PUSH_RUNS {
         let queue = format!("bench-push-{}-{i}", std::process::id());
         broker.prepare(&queue).await;
-        let meta: HashMap<String, String> = [("brokerUrl", url), ("queues", queue.as_str())]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let m = meta(&[("brokerUrl", url), ("queues", queue.as_str())]);
         let mut stream = client
-            .stream_is_active(ScaledObjectRef {
-                name: "b".into(),
-                namespace: "b".into(),
-                scaler_metadata: meta,
-            })
+            .stream_is_active(object_ref(&m))
             .await
             .unwrap()
             .into_inner();
@@ -168,36 +135,15 @@ async fn push_latency_on(url: &str, mut broker: Broker) -> Vec<Duration> {
         samples.push(start.elapsed());
         broker.remove(&queue).await;
     }
-    let _ = tx.send(());
-    let _ = server.await;
+    scaler.stop().await;
     samples
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn startup(bin: &str) -> (Vec<Duration>, Vec<u64>) {
     let mut times = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..START_RUNS {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let admin = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let (port, admin) = (free_port(), free_port());
         let start = Instant::now();
         let mut child = std::process::Command::new(bin)
             .args([
@@ -216,8 +162,9 @@ fn startup(bin: &str) -> (Vec<Duration>, Vec<u64>) {
         }
         times.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(300));
-        if let Some(kib) = rss_kib(child.id()) {
-            rss.push(kib);
+        match rss_kib(child.id()) {
+            0 => {}
+            kib => rss.push(kib),
         }
         let _ = child.kill();
         let _ = child.wait();

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::census::Census;
-use crate::broker::{Broker, BrokerTarget, Layout};
+use crate::broker::{Backend, Registry};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -83,13 +83,13 @@ struct Entry {
     retry: tokio::sync::Notify,
 }
 
-type Key = (BrokerTarget, Layout);
-
 /// The running census loops.
 pub struct Censuses {
     settings: CensusSettings,
+    /// The broker clients the censuses ask through.
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    entries: Mutex<HashMap<Key, Arc<Entry>>>,
+    entries: Mutex<HashMap<Backend, Arc<Entry>>>,
     /// Cancelled on shutdown: loops start no new census.
     stop: CancellationToken,
     /// Censuses under way: shutdown waits for them, so that what they bound on the broker is
@@ -98,9 +98,14 @@ pub struct Censuses {
 }
 
 impl Censuses {
-    pub fn new(settings: CensusSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        settings: CensusSettings,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Censuses {
             settings,
+            registry,
             metrics,
             entries: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
@@ -121,15 +126,10 @@ impl Censuses {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// The latest census for `target` (started now if none runs), waiting for the first one.
+    /// The latest census of `backend` (started now if none runs), waiting for the first one.
     /// `Ok(None)`: the broker has no worker remote control.
-    pub async fn latest(
-        self: &Arc<Self>,
-        client: Arc<dyn Broker>,
-        target: &BrokerTarget,
-        layout: &Layout,
-    ) -> Result<Option<Arc<Census>>> {
-        let entry = self.entry(client, target, layout);
+    pub async fn latest(self: &Arc<Self>, backend: &Backend) -> Result<Option<Arc<Census>>> {
+        let entry = self.entry(backend);
         *entry.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let mut rx = entry.rx.clone();
         let stopped = || Error::Unavailable("the worker census stopped".into());
@@ -146,11 +146,11 @@ impl Censuses {
             snapshot = rx.borrow_and_update().clone().ok_or_else(stopped)?;
         }
         let age = snapshot.at.elapsed();
-        self.metrics.census_age(target.kind(), age.as_secs_f64());
+        self.metrics.census_age(backend.kind(), age.as_secs_f64());
         if age > self.settings.max_age() {
             return Err(Error::Unavailable(format!(
                 "the worker census of {} is {:.1} s old (limit {:.1} s): workers cannot be asked what they run",
-                target.redacted(),
+                backend.redacted(),
                 age.as_secs_f64(),
                 self.settings.max_age().as_secs_f64()
             )));
@@ -158,13 +158,8 @@ impl Censuses {
         snapshot.result
     }
 
-    fn entry(
-        self: &Arc<Self>,
-        client: Arc<dyn Broker>,
-        target: &BrokerTarget,
-        layout: &Layout,
-    ) -> Arc<Entry> {
-        let key = (target.clone(), layout.clone());
+    fn entry(self: &Arc<Self>, backend: &Backend) -> Arc<Entry> {
+        let key = backend.clone();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.get(&key) {
             return e.clone();
@@ -178,18 +173,17 @@ impl Censuses {
         entries.insert(key.clone(), entry.clone());
         let this = self.clone();
         let e = entry.clone();
-        tokio::spawn(async move { this.run(key, client, e, tx).await });
+        tokio::spawn(async move { this.run(key, e, tx).await });
         entry
     }
 
     async fn run(
         self: Arc<Self>,
-        key: Key,
-        client: Arc<dyn Broker>,
+        key: Backend,
         entry: Arc<Entry>,
         tx: watch::Sender<Option<Snapshot>>,
     ) {
-        let kind = key.0.kind();
+        let kind = key.kind();
         loop {
             if self.stop.is_cancelled() {
                 self.entries
@@ -201,14 +195,14 @@ impl Censuses {
             self.busy.send_modify(|n| *n += 1);
             let result = match tokio::time::timeout(
                 self.settings.deadline,
-                client.census(&key.1, self.settings.window),
+                self.registry.census(&key, self.settings.window),
             )
             .await
             {
                 Ok(r) => r.map(|c| c.map(Arc::new)),
                 Err(_) => Err(Error::DeadlineExceeded(format!(
                     "the worker census of {} did not complete within {:?}",
-                    key.0.redacted(),
+                    key.redacted(),
                     self.settings.deadline
                 ))),
             };

@@ -6,7 +6,42 @@
 
 use tonic::{Code, Status};
 
-use crate::tenancy::Refusal;
+/// Why a trigger was refused: the bounded label of `celery_keda_refusals_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// A named broker whose namespace list does not include the trigger's namespace.
+    Namespace,
+    /// `brokerUrl` / `brokerUrlFromEnv` while only named brokers are allowed.
+    InlineUrl,
+    /// A host (or Unix socket) that no rule of the host allowlist admits.
+    Host,
+    /// A host name that resolves to an address outside the allowlist's ranges.
+    Address,
+    /// `sqs://` without keys (the scaler's own AWS identity) in an inline URL.
+    AmbientIdentity,
+}
+
+impl Refusal {
+    /// Every reason, for metrics that start at zero.
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Namespace,
+        Refusal::InlineUrl,
+        Refusal::Host,
+        Refusal::Address,
+        Refusal::AmbientIdentity,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Namespace => "namespace",
+            Refusal::InlineUrl => "inline_url",
+            Refusal::Host => "host",
+            Refusal::Address => "address",
+            Refusal::AmbientIdentity => "ambient_identity",
+        }
+    }
+}
 
 /// What can go wrong while answering an RPC.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +79,14 @@ impl Error {
     pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidMetadata {
             key: key.into(),
+            message: crate::secret::redact_urls(&message.into()),
+        }
+    }
+
+    /// Builds an [`Error::Refused`]: a tenancy refusal, its message redacted once more.
+    pub fn refused(reason: Refusal, message: impl Into<String>) -> Self {
+        Error::Refused {
+            reason,
             message: crate::secret::redact_urls(&message.into()),
         }
     }

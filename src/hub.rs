@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::DepthQuery;
+use crate::broker::{Backend, DepthQuery};
 use crate::error::Error;
 use crate::scaler::Core;
 
@@ -69,9 +69,9 @@ impl Hub {
     }
 
     async fn poll(self: Arc<Self>, query: DepthQuery, sender: Arc<watch::Sender<Reading>>) {
-        let interval = match query.target {
-            crate::broker::BrokerTarget::Sqs(_) => self.intervals.sqs,
-            _ => self.intervals.default,
+        let interval = match query.backend {
+            Backend::Sqs { .. } => self.intervals.sqs,
+            Backend::Redis { .. } | Backend::RabbitMq { .. } => self.intervals.default,
         };
         loop {
             let reading = tokio::select! {

@@ -2,26 +2,32 @@
 //!
 //! # Layout
 //!
-//! - [`proto`]: code generated from `proto/externalscaler.proto`, with the [`codec`] (prost, small buffers).
-//! - [`metadata`]: trigger metadata (the user-facing contract) into a validated `Trigger`.
-//! - [`broker`]: the `Broker` trait, depth types, the per-broker client registry, and one folder
-//!   per backend (`broker::redis`).
+//! The modules stand on floors (ARCHITECTURE.md, "Layers"; `scripts/check-layers.sh`): each
+//! imports only from lower floors. From the bottom:
+//!
+//! - [`secret`], [`codec`], [`telemetry`], [`health`]: credentials and URL redaction; the
+//!   protobuf codec (small buffers); logging; `grpc.health.v1` whose watches end at shutdown.
+//! - [`error`], [`proto`]: the semantic error type (and tenancy `Refusal`s) with its one mapping
+//!   to gRPC codes; code generated from `proto/externalscaler.proto`.
+//! - [`allowlist`]: host rules, namespace lists and the check of a Sentinel-reported master.
+//! - [`broker`]: `Backend` (a target and a trigger's layout), `DepthQuery`, the `Broker` trait,
+//!   the client registry, and one folder per backend (`broker::redis`, `broker::rabbitmq`,
+//!   `broker::sqs`).
+//! - [`broker_env`], [`metrics`]: brokers of the scaler's own environment; Prometheus metrics.
+//! - [`metadata`], [`census`], [`tls`], [`admin`]: trigger metadata (the user-facing contract)
+//!   into a validated `Trigger`; the shared worker census behind `scaleOnRunning`; TLS / mTLS
+//!   on the gRPC port; the admin HTTP port.
+//! - [`tenancy`]: the policy: named brokers per namespace, the broker host allowlist, inline URLs
+//!   off, the scaler's AWS identity only where allowed.
 //! - [`scaler`]: the core: metadata to trigger, depth reading within the deadline.
-//! - [`census`]: the shared background worker census (Celery `inspect active`) behind `scaleOnRunning`.
-//! - [`hub`]: shared background polls behind `StreamIsActive`.
-//! - [`health`]: `grpc.health.v1` whose watches end when shutdown begins.
+//! - [`hub`], [`probe`]: shared background polls behind `StreamIsActive`; the `probe` command.
 //! - [`grpc`]: the `ExternalScaler` service over the core and the hub.
 //! - [`server`]: `serve`, wiring gRPC (with health and reflection) and the admin port, with
 //!   shutdown passed in as a future.
-//! - [`admin`], [`metrics`], [`telemetry`]: the admin HTTP port, Prometheus metrics, logging.
-//! - [`probe`]: the `probe` command's reading and rendering.
-//! - [`error`]: the semantic error type and its one mapping to gRPC codes.
-//! - [`secret`]: credential wrapper and URL redaction.
-//! - [`tenancy`]: named brokers per namespace, the broker host allowlist, inline URLs off, the
-//!   scaler's AWS identity only where allowed.
-//! - [`tls`]: TLS / mTLS on the gRPC port, with certificate files reloaded when they change.
 pub mod admin;
+pub mod allowlist;
 pub mod broker;
+pub mod broker_env;
 pub mod census;
 pub mod codec;
 pub mod error;

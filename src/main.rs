@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use celery_keda_scaler::allowlist::HostAllowlist;
+use celery_keda_scaler::broker_env::BrokerEnv;
 use celery_keda_scaler::census::CensusSettings;
-use celery_keda_scaler::metadata::{BrokerEnv, Limits};
+use celery_keda_scaler::metadata::Limits;
 use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
 use celery_keda_scaler::server::{serve, ServeSettings};
 use celery_keda_scaler::telemetry::{self, LogFormat};
-use celery_keda_scaler::tenancy::{HostAllowlist, Tenancy};
+use celery_keda_scaler::tenancy::Tenancy;
 use celery_keda_scaler::tls::{Reloader, TlsSettings};
 use celery_keda_scaler::{install_crypto_provider, probe};
 

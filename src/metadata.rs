@@ -1,15 +1,18 @@
 //! Trigger metadata (the user-facing contract of DESIGN.md section 3): parsed from KEDA's string
 //! map into a validated [`Trigger`], with errors that name the key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
+use crate::allowlist::ns_shown;
 use crate::broker::rabbitmq::{Management, RabbitLayout};
 use crate::broker::redis::{unescape, RedisAddr, RedisLayout, DEFAULT_PRIORITY_STEPS};
 use crate::broker::sqs;
-use crate::broker::{BrokerTarget, DepthQuery, Layout};
-use crate::error::{Error, Result};
+use crate::broker::{Backend, BrokerTarget, DepthQuery, HostField, Unresolved};
+use crate::broker_env::{
+    normalise_name, BrokerEnv, DEFAULT_BROKER_VAR, NAMED_BROKER_PREFIX, NAMESPACES_PREFIX,
+};
+use crate::error::{Error, Refusal, Result};
 use crate::secret::shown;
-use crate::tenancy::{NamespaceList, Unresolved, NAMESPACES_PREFIX};
 
 /// Every metadata key this scaler reads (others, like KEDA's `scalerAddress`, are ignored).
 pub const KEYS: &[&str] = &[
@@ -77,70 +80,6 @@ pub const DEFAULT_QUEUE_LENGTH: f64 = 5.0;
 /// Longest metric name KEDA and Kubernetes handle comfortably.
 pub const MAX_METRIC_NAME: usize = 63;
 
-/// Brokers configured in the scaler's own environment, so ScaledObjects need no secrets.
-#[derive(Clone, Default)]
-pub struct BrokerEnv {
-    /// `CELERY_KEDA_BROKER_<NAME>=<url>`, keyed by the normalised name (lowercase, `_` as `-`).
-    pub named: BTreeMap<String, BrokerTarget>,
-    /// `CELERY_BROKER_URL`: used when a trigger names no broker at all.
-    pub default: Option<BrokerTarget>,
-    /// `CELERY_KEDA_NAMESPACES_<NAME>=team-a,team-b-*`: the namespaces that may use a named
-    /// broker, keyed like `named`. A broker without a list is open to every namespace.
-    pub namespaces: BTreeMap<String, NamespaceList>,
-}
-
-/// Environment variable prefix of named brokers.
-pub const NAMED_BROKER_PREFIX: &str = "CELERY_KEDA_BROKER_";
-/// The environment variable of the default broker (the one Celery users already set).
-pub const DEFAULT_BROKER_VAR: &str = "CELERY_BROKER_URL";
-
-impl BrokerEnv {
-    /// Reads named brokers and the default broker from environment variables, validating each
-    /// URL. An error names the variable (never its value's password).
-    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
-        let mut env = BrokerEnv::default();
-        let mut lists = Vec::new();
-        for (name, value) in vars {
-            if let Some(suffix) = name.strip_prefix(NAMESPACES_PREFIX) {
-                if !suffix.is_empty() {
-                    lists.push((
-                        normalise_name(suffix),
-                        NamespaceList::parse(&name, &value)?,
-                        name,
-                    ));
-                }
-            } else if let Some(suffix) = name.strip_prefix(NAMED_BROKER_PREFIX) {
-                if suffix.is_empty() {
-                    continue;
-                }
-                env.named
-                    .insert(normalise_name(suffix), BrokerTarget::parse(&name, &value)?);
-            } else if name == DEFAULT_BROKER_VAR && !value.trim().is_empty() {
-                env.default = Some(BrokerTarget::parse(&name, &value)?);
-            }
-        }
-        // A list for a broker that does not exist is a typo that would leave the broker open.
-        for (broker, list, var) in lists {
-            if !env.named.contains_key(&broker) {
-                return Err(Error::invalid(
-                    var,
-                    format!(
-                        "names broker `{broker}`, but no {NAMED_BROKER_PREFIX}{} is configured",
-                        broker.to_ascii_uppercase().replace('-', "_")
-                    ),
-                ));
-            }
-            env.namespaces.insert(broker, list);
-        }
-        Ok(env)
-    }
-}
-
-/// Broker names are matched case-insensitively, with `-` and `_` equal.
-pub fn normalise_name(name: &str) -> String {
-    name.trim().to_ascii_lowercase().replace('_', "-")
-}
-
 /// A validated trigger.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Trigger {
@@ -150,6 +89,9 @@ pub struct Trigger {
     pub broker_source: String,
     /// The named broker's normalised name, when the broker came from `broker`.
     pub broker_name: Option<String>,
+    /// Hosts named by a metadata key of their own (`managementUrl`, `awsEndpoint`) rather than
+    /// by the broker's source, with that key (named in a refusal).
+    pub host_keys: Vec<(HostField, &'static str)>,
     /// Hosts admitted only by an address range of the host allowlist: resolved, checked and
     /// replaced by the checked address before any reading (`Core::admit`); empty otherwise.
     pub unresolved: Vec<Unresolved>,
@@ -162,25 +104,69 @@ pub struct Trigger {
 }
 
 impl Trigger {
+    /// The metadata key (or environment variable) that named the host of `field`.
+    pub fn key_of(&self, field: &HostField) -> &str {
+        self.host_keys
+            .iter()
+            .find(|(f, _)| f == field)
+            .map_or(self.broker_source.as_str(), |(_, key)| key)
+    }
+
     /// Whether `depth` makes the scale target active (0 -> 1).
     pub fn is_active(&self, depth: u64) -> bool {
         depth as f64 > self.activation_queue_length
     }
 }
 
-/// Parses trigger metadata with the default [`Limits`]. `env` supplies named and default brokers.
+/// Whether a trigger may give its broker's URL inline (`brokerUrl`, `brokerUrlFromEnv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InlineUrls<'a> {
+    Accepted,
+    /// `--named-brokers-only`: refused for a trigger from this namespace, before the URL is read.
+    Refused {
+        namespace: &'a str,
+    },
+}
+
+/// Parses trigger metadata with the default [`Limits`], inline URLs accepted. `env` supplies
+/// named and default brokers.
 pub fn parse(meta: &HashMap<String, String>, env: &BrokerEnv) -> Result<Trigger> {
     parse_with(meta, env, &Limits::default())
 }
 
-/// Parses trigger metadata within `limits`. `env` supplies named and default brokers.
+/// Parses trigger metadata within `limits`, inline URLs accepted.
 pub fn parse_with(
     meta: &HashMap<String, String>,
     env: &BrokerEnv,
     limits: &Limits,
 ) -> Result<Trigger> {
-    check_limits(meta, limits)?;
+    parse_for(meta, env, limits, InlineUrls::Accepted)
+}
+
+/// Parses trigger metadata within `limits`; `inline` says whether a broker URL may be given in
+/// the metadata (a refusal is decided before the URL is read).
+pub fn parse_for(
+    meta: &HashMap<String, String>,
+    env: &BrokerEnv,
+    limits: &Limits,
+    inline: InlineUrls,
+) -> Result<Trigger> {
     let get = |key: &str| meta.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+    if let InlineUrls::Refused { namespace } = inline {
+        if let Some(key) = ["brokerUrl", "brokerUrlFromEnv"]
+            .into_iter()
+            .find(|k| get(k).is_some())
+        {
+            return Err(Error::refused(
+                Refusal::InlineUrl,
+                format!(
+                    "metadata key `{key}`: inline broker URLs are turned off in this scaler (--named-brokers-only), namespace {}: remove `{key}` and use `broker: <name>` with a broker the scaler's operator configures for your namespace ({NAMED_BROKER_PREFIX}<NAME> and {NAMESPACES_PREFIX}<NAME> in the scaler's environment)",
+                    ns_shown(namespace)
+                ),
+            ));
+        }
+    }
+    check_limits(meta, limits)?;
 
     let mut broker_name = None;
     let (broker_source, target) = if let Some(url) = get("brokerUrl") {
@@ -247,7 +233,8 @@ pub fn parse_with(
         None => derive_metric_name(&queues),
     };
 
-    let (target, layout) = match target {
+    let mut host_keys = Vec::new();
+    let backend = match target {
         BrokerTarget::Redis(mut t) => {
             if let RedisAddr::Sentinel { master, .. } = &mut t.addr {
                 let name = get("sentinelMaster").ok_or_else(|| {
@@ -258,49 +245,53 @@ pub fn parse_with(
                 })?;
                 *master = Some(name.to_string());
             }
-            (
-                BrokerTarget::Redis(t),
-                Layout::Redis(parse_redis_layout(meta)?),
-            )
+            Backend::Redis {
+                target: t,
+                layout: parse_redis_layout(meta)?,
+            }
         }
         BrokerTarget::RabbitMq(mut t) => {
             if let Some(vhost) = get("vhost") {
                 t.vhost = vhost.to_string();
             }
             let management = match get("managementUrl") {
-                Some(raw) => Management::parse(raw, &t)?,
+                Some(raw) => {
+                    host_keys.push((HostField::Management, "managementUrl"));
+                    Management::parse(raw, &t)?
+                }
                 None => t.default_management()?,
             };
-            (
-                BrokerTarget::RabbitMq(t),
-                Layout::RabbitMq(RabbitLayout { management }),
-            )
+            Backend::RabbitMq {
+                target: t,
+                layout: RabbitLayout { management },
+            }
         }
         BrokerTarget::Sqs(mut t) => {
             if let Some(region) = get("awsRegion") {
                 t.region = Some(sqs::parse_region(region)?);
             }
             if let Some(endpoint) = get("awsEndpoint") {
+                host_keys.push((HostField::Endpoint, "awsEndpoint"));
                 t.endpoint = Some(sqs::parse_endpoint(endpoint)?);
             }
             let queue_name_prefix = meta.get("queueNamePrefix").cloned().unwrap_or_default();
-            (
-                BrokerTarget::Sqs(t),
-                Layout::Sqs(sqs::SqsLayout { queue_name_prefix }),
-            )
+            Backend::Sqs {
+                target: t,
+                layout: sqs::SqsLayout { queue_name_prefix },
+            }
         }
     };
 
     Ok(Trigger {
         query: DepthQuery {
-            target,
+            backend,
             queues,
             in_flight,
             running,
-            layout,
         },
         broker_source,
         broker_name,
+        host_keys,
         unresolved: Vec::new(),
         queue_length,
         activation_queue_length,
@@ -560,7 +551,9 @@ mod tests {
         assert!(t.query.in_flight && t.query.running);
         assert_eq!(t.metric_name, "celery-celery");
         assert_eq!(t.broker_source, "brokerUrl");
-        assert_eq!(t.query.layout, Layout::Redis(RedisLayout::default()));
+        assert!(
+            matches!(&t.query.backend, Backend::Redis { layout, .. } if *layout == RedisLayout::default())
+        );
     }
 
     #[test]
@@ -576,7 +569,7 @@ mod tests {
             ),
         ])
         .unwrap();
-        let host = |t: &Trigger| t.query.target.redacted();
+        let host = |t: &Trigger| t.query.backend.redacted();
         let all = meta(&[
             ("brokerUrl", "redis://a/0"),
             ("brokerUrlFromEnv", "redis://b/0"),
@@ -712,7 +705,7 @@ mod tests {
             &BrokerEnv::default(),
         )
         .unwrap();
-        assert!(t.query.target.redacted().contains("master mymaster"));
+        assert!(t.query.backend.redacted().contains("master mymaster"));
     }
 
     #[test]
@@ -736,14 +729,12 @@ mod tests {
         assert_eq!(t.queue_length, 2.5);
         assert!(!t.is_active(3) && t.is_active(4));
         assert!(!t.query.in_flight && !t.query.running);
-        assert_eq!(
-            t.query.layout,
-            Layout::Redis(RedisLayout {
-                prefix: "app:".into(),
-                priority_steps: vec![0, 5, 9],
-                separator: ":".into()
-            })
-        );
+        let expected = RedisLayout {
+            prefix: "app:".into(),
+            priority_steps: vec![0, 5, 9],
+            separator: ":".into(),
+        };
+        assert!(matches!(&t.query.backend, Backend::Redis { layout, .. } if *layout == expected));
     }
 
     #[test]
@@ -766,16 +757,5 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
         }
-    }
-
-    #[test]
-    fn bad_env_broker_names_the_variable() {
-        let err = BrokerEnv::from_vars([(
-            "CELERY_KEDA_BROKER_X".to_string(),
-            "redis://:pw@h/zz".to_string(),
-        )])
-        .err()
-        .unwrap();
-        assert_eq!(key_of(err), "CELERY_KEDA_BROKER_X");
     }
 }

@@ -108,7 +108,7 @@ impl Metrics {
         let queue_series_dropped = Counter::default();
         let refusals = Family::<ReasonLabels, Counter>::default();
         // Every reason starts at zero, so an alert can watch the series before the first refusal.
-        for reason in crate::tenancy::Refusal::ALL {
+        for reason in crate::error::Refusal::ALL {
             let _ = refusals.get_or_create(&ReasonLabels {
                 reason: reason.label(),
             });
@@ -285,7 +285,7 @@ impl Metrics {
     }
 
     /// Counts one trigger refused by the tenancy settings.
-    pub fn refusal(&self, reason: crate::tenancy::Refusal) {
+    pub fn refusal(&self, reason: crate::error::Refusal) {
         self.refusals
             .get_or_create(&ReasonLabels {
                 reason: reason.label(),

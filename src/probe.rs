@@ -52,7 +52,7 @@ pub async fn run(
     let _ = writeln!(
         out,
         "broker       {} (from {})",
-        q.target.redacted(),
+        q.backend.redacted(),
         trigger.broker_source
     );
     if !namespace.is_empty() {
@@ -63,7 +63,7 @@ pub async fn run(
         "metric       {} (queueLength {}, active when depth > {})",
         trigger.metric_name, trigger.queue_length, trigger.activation_queue_length
     );
-    let census = q.target.has_remote_control();
+    let census = q.backend.has_remote_control();
     let _ = writeln!(
         out,
         "counting     ready, in flight {} (scaleOnInFlight), running {} (scaleOnRunning{})",

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::{Broker, ClientSettings, Depth, DepthQuery, Registry};
+use crate::broker::{ClientSettings, Depth, DepthQuery, Registry};
+use crate::broker_env::BrokerEnv;
 use crate::census::{CensusSettings, Censuses};
 use crate::error::{Error, Result};
-use crate::metadata::{self, BrokerEnv, Trigger};
+use crate::metadata::{self, Trigger};
 use crate::metrics::Metrics;
 use crate::tenancy::Tenancy;
 
@@ -54,7 +55,7 @@ pub struct Core {
     env: BrokerEnv,
     limits: metadata::Limits,
     tenancy: Tenancy,
-    registry: Registry,
+    registry: Arc<Registry>,
     deadline: Duration,
     metrics: Arc<Metrics>,
     /// Single flight (concurrent identical reads share one broker round trip) and the result
@@ -66,15 +67,16 @@ pub struct Core {
 impl Core {
     /// A core with no broker clients yet.
     pub fn new(env: BrokerEnv, settings: CoreSettings, metrics: Arc<Metrics>) -> Self {
+        let registry = Arc::new(Registry::new(ClientSettings {
+            timeout: settings.deadline,
+        }));
         Core {
             env,
             limits: settings.limits,
             tenancy: settings.tenancy,
-            registry: Registry::new(ClientSettings {
-                timeout: settings.deadline,
-            }),
+            censuses: Censuses::new(settings.census, registry.clone(), metrics.clone()),
+            registry,
             deadline: settings.deadline,
-            censuses: Censuses::new(settings.census, metrics.clone()),
             metrics,
             recent: moka::future::Cache::builder()
                 .max_capacity(MAX_CACHED_QUERIES)
@@ -83,16 +85,14 @@ impl Core {
         }
     }
 
-    /// Validates metadata and applies the tenancy settings for a trigger from `namespace`: no
-    /// I/O at all (no broker, no DNS), so `GetMetricSpec` can answer during any outage. A host
-    /// that only an address range admits is left in `Trigger::unresolved` for [`Core::admit`].
+    /// Parses metadata (inline URLs refused first, if the tenancy settings say so), then has the
+    /// tenancy settings admit the trigger from `namespace`: no I/O at all (no broker, no DNS),
+    /// so `GetMetricSpec` can answer during any outage. A host that only an address range admits
+    /// is left in `Trigger::unresolved` for [`Core::admit`].
     pub fn trigger(&self, meta: &HashMap<String, String>, namespace: &str) -> Result<Trigger> {
-        let result = self.tenancy.check_inline(meta, namespace).and_then(|()| {
-            let mut trigger = metadata::parse_with(meta, &self.env, &self.limits)?;
-            trigger.unresolved = self.tenancy.admit(&trigger, meta, namespace, &self.env)?;
-            self.tenancy.check_reported_master(&mut trigger, namespace);
-            Ok(trigger)
-        });
+        let inline = self.tenancy.inline_urls(namespace);
+        let result = metadata::parse_for(meta, &self.env, &self.limits, inline)
+            .and_then(|trigger| self.tenancy.admit(trigger, namespace, &self.env));
         self.count_refusal(result)
     }
 
@@ -165,18 +165,13 @@ impl Core {
 
     /// The broker's depth, plus (with `scaleOnRunning`) the acknowledged running tasks of the
     /// latest worker census.
-    async fn depth_with_running(
-        &self,
-        client: Arc<dyn Broker>,
-        query: &DepthQuery,
-    ) -> Result<Depth> {
-        if !query.running || !query.target.has_remote_control() {
-            return client.depth(query).await;
+    async fn depth_with_running(&self, query: &DepthQuery) -> Result<Depth> {
+        if !query.running || !query.backend.has_remote_control() {
+            return self.registry.depth(query).await;
         }
-        let census = self
-            .censuses
-            .latest(client.clone(), &query.target, &query.layout);
-        let (mut depth, census) = futures::future::try_join(client.depth(query), census).await?;
+        let census = self.censuses.latest(&query.backend);
+        let (mut depth, census) =
+            futures::future::try_join(self.registry.depth(query), census).await?;
         if let Some(census) = census {
             // A task the broker could have routed to several of the query's queues is counted
             // once, under the first.
@@ -203,22 +198,16 @@ impl Core {
 
     /// One reading from the broker, bounded by the deadline, recorded in the metrics.
     async fn read_broker(&self, query: &DepthQuery) -> Result<Depth> {
-        let kind = query.target.kind();
+        let kind = query.backend.kind();
         let started = Instant::now();
-        let result = match self.registry.client(&query.target) {
-            Ok(client) => {
-                match tokio::time::timeout(self.deadline, self.depth_with_running(client, query))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::DeadlineExceeded(format!(
-                        "{kind} broker {} did not answer within {:?}",
-                        query.target.redacted(),
-                        self.deadline
-                    ))),
-                }
-            }
-            Err(e) => Err(e),
+        let result = match tokio::time::timeout(self.deadline, self.depth_with_running(query)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "{kind} broker {} did not answer within {:?}",
+                query.backend.redacted(),
+                self.deadline
+            ))),
         };
         match &result {
             Ok(depth) => self

@@ -171,6 +171,14 @@ pub fn at_after_host(url: &url::Url) -> bool {
 /// What a refusal by [`at_after_host`] says.
 pub const AT_AFTER_HOST: &str = "an `@` after the host: percent-encode `/`, `?`, `#` and `\\` in the user name and password (%2F, %3F, %23, %5C), and an `@` in a path as %40";
 
+/// A percent-encoded part of a broker URL (user name, password, path), decoded as kombu decodes
+/// it: invalid UTF-8 is replaced, never refused.
+pub fn decode(part: &str) -> String {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// Redacts URL passwords in `text` (see [`redact_urls`]) and every occurrence of `secret`: for
 /// error text from client libraries, which may quote a credential outside a URL.
 pub fn scrub(text: &str, secret: Option<&Secret>) -> String {

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::admin::{self, AdminState};
+use crate::broker_env::BrokerEnv;
 use crate::census::CensusSettings;
 use crate::grpc::Service;
 use crate::health;
 use crate::hub::{Hub, PollIntervals};
-use crate::metadata::{BrokerEnv, Limits};
+use crate::metadata::Limits;
 use crate::metrics::Metrics;
 use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Core, CoreSettings};

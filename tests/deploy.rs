@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use celery_keda_scaler::metadata::{self, BrokerEnv, KEDA_KEYS, KEYS};
+use celery_keda_scaler::broker_env::BrokerEnv;
+use celery_keda_scaler::metadata::{self, KEDA_KEYS, KEYS};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -201,7 +202,7 @@ fn every_example_trigger_parses_with_the_scalers_parser() {
                     let trigger = metadata::parse(&meta, &env).unwrap_or_else(|e| {
                         panic!("{}: the scaler refuses its metadata: {e}", found.origin)
                     });
-                    let kind = trigger.query.target.kind();
+                    let kind = trigger.query.backend.kind();
                     let dir = dir.to_string_lossy();
                     if ["redis", "rabbitmq", "sqs"].contains(&dir.as_ref()) {
                         assert_eq!(kind, dir, "{}: broker kind", found.origin);

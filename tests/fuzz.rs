@@ -10,8 +10,10 @@
 use std::collections::HashMap;
 
 use celery_keda_scaler::broker::url::BrokerTarget;
+use celery_keda_scaler::broker::Backend;
+use celery_keda_scaler::broker_env::BrokerEnv;
 use celery_keda_scaler::error::{Error, MAX_STATUS_MESSAGE};
-use celery_keda_scaler::metadata::{self, BrokerEnv, Limits, Trigger, KEDA_KEYS, KEYS};
+use celery_keda_scaler::metadata::{self, Limits, Trigger, KEDA_KEYS, KEYS};
 use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
 use celery_keda_scaler::tenancy::Tenancy;
@@ -213,10 +215,9 @@ fn check_metadata(
             prop_assert!(trigger.queue_length > 0.0 && trigger.queue_length.is_finite());
             prop_assert!(trigger.metric_name.len() <= metadata::MAX_METRIC_NAME);
             let shown = format!(
-                "{:?} {} {:?}",
-                trigger.query.target,
-                trigger.query.target.redacted(),
-                trigger.query.layout
+                "{:?} {}",
+                trigger.query.backend,
+                trigger.query.backend.redacted(),
             );
             for p in url_passwords {
                 prop_assert!(!shown.contains(p.as_str()), "password in Debug: {}", shown);
@@ -526,13 +527,12 @@ fn tenancy_env() -> BrokerEnv {
 /// whether TLS is spoken to it (read from the query's own fields, independently of the scaler).
 fn chosen_hosts(t: &Trigger, m: &HashMap<String, String>) -> Vec<(String, u16)> {
     use celery_keda_scaler::broker::redis::RedisAddr;
-    use celery_keda_scaler::broker::Layout;
     let operator = t.broker_source == "broker" || t.broker_source == "CELERY_BROKER_URL";
     let bare = |h: &str| h.trim_matches(['[', ']']).to_string();
     let mut broker_hosts = Vec::new();
     let mut out = Vec::new();
-    match &t.query.target {
-        BrokerTarget::Redis(r) => match &r.addr {
+    match &t.query.backend {
+        Backend::Redis { target: r, .. } => match &r.addr {
             RedisAddr::Tcp { host, port } | RedisAddr::Tls { host, port, .. } => {
                 broker_hosts.push((bare(host), *port))
             }
@@ -541,8 +541,8 @@ fn chosen_hosts(t: &Trigger, m: &HashMap<String, String>) -> Vec<(String, u16)> 
             }
             RedisAddr::Unix { .. } => broker_hosts.push(("unix-socket".into(), 0)),
         },
-        BrokerTarget::RabbitMq(r) => broker_hosts.push((bare(&r.host), r.port)),
-        BrokerTarget::Sqs(s) => {
+        Backend::RabbitMq { target: r, .. } => broker_hosts.push((bare(&r.host), r.port)),
+        Backend::Sqs { target: s, .. } => {
             if let Some(e) = &s.endpoint {
                 let u = url::Url::parse(e).unwrap();
                 let h = (
@@ -555,7 +555,7 @@ fn chosen_hosts(t: &Trigger, m: &HashMap<String, String>) -> Vec<(String, u16)> 
             }
         }
     }
-    if let Layout::RabbitMq(l) = &t.query.layout {
+    if let Backend::RabbitMq { layout: l, .. } = &t.query.backend {
         let u = &l.management.base;
         let h = (
             bare(u.host_str().unwrap()),
@@ -617,7 +617,7 @@ fn check_admitted(
     }
     let inline = t.broker_source == "brokerUrl" || t.broker_source == "brokerUrlFromEnv";
     prop_assert!(!(inline && tenancy.named_brokers_only));
-    if let BrokerTarget::Sqs(s) = &t.query.target {
+    if let Backend::Sqs { target: s, .. } = &t.query.backend {
         prop_assert!(!inline || s.access_key.is_some() || tenancy.inline_sqs_ambient_identity);
     }
     if resolved {
@@ -640,7 +640,7 @@ fn check_admitted(
         prop_assert!(
             ok,
             "{host}:{port} reached through {m:?} ({:?})",
-            t.query.target
+            t.query.backend
         );
     }
     Ok(())

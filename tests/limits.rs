@@ -5,7 +5,8 @@
 
 mod common;
 
-use celery_keda_scaler::metadata::{BrokerEnv, Limits};
+use celery_keda_scaler::broker_env::BrokerEnv;
+use celery_keda_scaler::metadata::Limits;
 use celery_keda_scaler::server::ServeSettings;
 use common::*;
 use tokio_util::bytes::{Buf, BufMut};

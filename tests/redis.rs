@@ -77,8 +77,7 @@ async fn priorities_zero_to_nine_count_as_one_queue() {
     assert_eq!(depth(&mut client, &m).await.unwrap(), 100);
 
     // The breakdown per priority step, as `probe` shows it: kombu maps 0-2 -> 0, 3-5 -> 3, 6-8 -> 6, 9 -> 9.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
-        .args(["probe", &format!("brokerUrl={url}"), &format!("queues={q}")])
+    let out = probe_command(&[("brokerUrl", &url), ("queues", &q)])
         .output()
         .unwrap();
     assert!(out.status.success());

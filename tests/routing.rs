@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -174,12 +173,7 @@ async fn rabbitmq_fanout_and_unresolvable_routes() {
             .filter(|n| *n >= 1.0)
     })
     .await;
-    let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
-        .args([
-            "probe",
-            &format!("brokerUrl={url}"),
-            &format!("queues={hq}"),
-        ])
+    let out = probe_command(&[("brokerUrl", &url), ("queues", &hq)])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -473,13 +472,16 @@ async fn no_secret_of_rabbitmq_sqs_or_tls_shows_in_logs_errors_metrics_or_probe(
     // --- `probe` with the same metadata and environment, at the most verbose level.
     let mut probes = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"));
-        cmd.arg("probe")
-            .args(c.meta.iter().map(|(k, v)| format!("{k}={v}")))
-            .env(
-                "CELERY_KEDA_LOG_FORMAT",
-                if i % 2 == 0 { "json" } else { "text" },
-            );
+        let pairs: Vec<(&str, &str)> = c
+            .meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut cmd = probe_command(&pairs);
+        cmd.env(
+            "CELERY_KEDA_LOG_FORMAT",
+            if i % 2 == 0 { "json" } else { "text" },
+        );
         for name in remove {
             cmd.env_remove(name);
         }

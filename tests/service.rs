@@ -8,8 +8,8 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use celery_keda_scaler::broker_env::BrokerEnv;
 use celery_keda_scaler::grpc::PUSH_REPEATS;
-use celery_keda_scaler::metadata::BrokerEnv;
 use celery_keda_scaler::proto::GetMetricsRequest;
 use celery_keda_scaler::server::ServeSettings;
 use common::*;
@@ -476,10 +476,7 @@ async fn secrets_never_show_in_logs_errors_metrics_or_probe() {
     CeleryConf::new(&server.url(Some(server_pw))).publish(&q, &["--count", "2"]);
 
     let (port, admin) = (free_port(), free_port());
-    let bin = env!("CARGO_BIN_EXE_celery-keda-scaler");
-    let mut child = Command::new(bin)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+    let mut child = serve_command(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{admin}"))
         .env("RUST_LOG", "trace")
         .env(
             "CELERY_KEDA_BROKER_ENVBROKER",
@@ -573,12 +570,7 @@ async fn secrets_never_show_in_logs_errors_metrics_or_probe() {
     };
     assert!(metrics.contains("celery_keda_rpc_total"), "{metrics}");
 
-    let probe = Command::new(bin)
-        .args([
-            "probe",
-            &format!("brokerUrl={}", server.url(Some(wrong_pw))),
-            &format!("queues={q}"),
-        ])
+    let probe = probe_command(&[("brokerUrl", &server.url(Some(wrong_pw))), ("queues", &q)])
         .env("RUST_LOG", "trace")
         .output()
         .unwrap();
@@ -775,14 +767,7 @@ async fn sigterm_flips_health_ends_streams_and_lets_inflight_rpcs_finish() {
 
 #[test]
 fn inconsistent_flags_exit_2_before_binding() {
-    let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+    let out = serve_command("127.0.0.1:0", "127.0.0.1:0")
         .args(["--deadline", "1s", "--census-window", "1s"])
         .env_remove("CELERY_BROKER_URL")
         .output()

@@ -10,25 +10,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use celery_keda_scaler::metadata::BrokerEnv;
+use celery_keda_scaler::broker_env::BrokerEnv;
 use celery_keda_scaler::proto::external_scaler_client::ExternalScalerClient;
-use celery_keda_scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use celery_keda_scaler::proto::GetMetricsRequest;
 use celery_keda_scaler::server::ServeSettings;
 use celery_keda_scaler::tenancy::Tenancy;
 use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn so(namespace: &str, m: &HashMap<String, String>) -> ScaledObjectRef {
-    ScaledObjectRef {
-        name: "worker".into(),
-        namespace: namespace.into(),
-        scaler_metadata: m.clone(),
-    }
-}
+use common::object_ref_in as so;
 
 /// GetMetricSpec then GetMetrics (and IsActive) for a ScaledObject in `namespace`.
 async fn read(
@@ -36,17 +29,7 @@ async fn read(
     namespace: &str,
     m: &HashMap<String, String>,
 ) -> Result<i64, tonic::Status> {
-    let spec = client.get_metric_spec(so(namespace, m)).await?.into_inner();
-    let name = spec.metric_specs[0].metric_name.clone();
-    let v = client
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(so(namespace, m)),
-            metric_name: name,
-        })
-        .await?
-        .into_inner()
-        .metric_values[0]
-        .metric_value;
+    let v = depth_in(client, namespace, m).await?;
     let active = client
         .is_active(so(namespace, m))
         .await?
@@ -94,6 +77,24 @@ async fn refused(
     } else {
         check_status("GetMetricSpec", &spec.unwrap_err(), needles, secrets);
     }
+    refused_readings(client, namespace, m, needles, secrets).await;
+    let s = client.stream_is_active(so(namespace, m)).await.unwrap_err();
+    check_status("StreamIsActive", &s, needles, secrets);
+    if spec_answers {
+        3
+    } else {
+        4
+    }
+}
+
+/// GetMetrics and IsActive both refuse `m` from `namespace`.
+async fn refused_readings(
+    client: &mut ExternalScalerClient<Channel>,
+    namespace: &str,
+    m: &HashMap<String, String>,
+    needles: &[&str],
+    secrets: &[&str],
+) {
     let s = client
         .get_metrics(GetMetricsRequest {
             scaled_object_ref: Some(so(namespace, m)),
@@ -104,13 +105,6 @@ async fn refused(
     check_status("GetMetrics", &s, needles, secrets);
     let s = client.is_active(so(namespace, m)).await.unwrap_err();
     check_status("IsActive", &s, needles, secrets);
-    let s = client.stream_is_active(so(namespace, m)).await.unwrap_err();
-    check_status("StreamIsActive", &s, needles, secrets);
-    if spec_answers {
-        3
-    } else {
-        4
-    }
 }
 
 fn redis_port() -> u16 {
@@ -657,7 +651,7 @@ async fn the_scalers_aws_identity_is_lent_only_to_named_brokers() {
 async fn probe_checks_as_a_namespace_and_bad_settings_stop_the_scaler() {
     let q = redis_queue(4);
     let probe = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
+        let out = binary()
             .arg("probe")
             .args(args)
             .env("CELERY_KEDA_BROKER_TEAM_A", redis_url())
@@ -712,14 +706,7 @@ async fn probe_checks_as_a_namespace_and_bad_settings_stop_the_scaler() {
         ("CELERY_KEDA_NAMESPACES_NOPE", "team-a"),
         ("CELERY_KEDA_NAMESPACES_TEAM_A", "Team A!"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+        let out = serve_command("127.0.0.1:0", "127.0.0.1:0")
             .env("CELERY_KEDA_BROKER_TEAM_A", redis_url())
             .env(var, value)
             .output()
@@ -802,16 +789,7 @@ async fn refused_at_reading(
     secrets: &[&str],
 ) -> u64 {
     client.get_metric_spec(so(namespace, m)).await.unwrap();
-    let s = client
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(so(namespace, m)),
-            metric_name: "x".into(),
-        })
-        .await
-        .unwrap_err();
-    check_status("GetMetrics", &s, needles, secrets);
-    let s = client.is_active(so(namespace, m)).await.unwrap_err();
-    check_status("IsActive", &s, needles, secrets);
+    refused_readings(client, namespace, m, needles, secrets).await;
     2
 }
 

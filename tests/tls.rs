@@ -323,14 +323,7 @@ async fn rotated_certificates_and_client_ca_apply_without_restart() {
 fn the_binary_refuses_bad_tls_files_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.crt");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-keda-scaler"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+    let out = serve_command("127.0.0.1:0", "127.0.0.1:0")
         .arg("--tls-cert-file")
         .arg(&missing)
         .arg("--tls-key-file")

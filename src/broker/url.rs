@@ -59,21 +59,6 @@ impl BrokerTarget {
         }
     }
 
-    /// Whether Celery workers on this broker answer remote control (`inspect active`), which
-    /// `scaleOnRunning` needs; SQS has no broadcast, so there it has no effect.
-    pub fn has_remote_control(&self) -> bool {
-        !matches!(self, BrokerTarget::Sqs(_))
-    }
-
-    /// The broker kind, a bounded label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            BrokerTarget::Redis(_) => "redis",
-            BrokerTarget::RabbitMq(_) => "rabbitmq",
-            BrokerTarget::Sqs(_) => "sqs",
-        }
-    }
-
     /// The URL with its password replaced by `***`, for logs and messages.
     pub fn redacted(&self) -> String {
         match self {

@@ -2,13 +2,14 @@
 //! management API endpoint derived from them or given by `managementUrl`.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
-use percent_encoding::percent_decode_str;
 use url::Url;
 
+use crate::broker::hosts::{pin_url, Contact, HostField};
 use crate::error::{Error, Result};
-use crate::secret::{at_after_host, misread_char, redact_url, Secret, AT_AFTER_HOST};
+use crate::secret::{at_after_host, decode, misread_char, redact_url, Secret, AT_AFTER_HOST};
 
 /// Default management API port.
 pub const MANAGEMENT_PORT: u16 = 15672;
@@ -20,6 +21,13 @@ pub struct AmqpTls {
     pub ca_certs: Option<PathBuf>,
     /// `ssl_certfile` + `ssl_keyfile`: client certificate (PEM) for mutual TLS.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Trigger options for RabbitMQ: where the management API is.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct RabbitLayout {
+    /// Management API, from `managementUrl` or derived from the AMQP URL.
+    pub management: Management,
 }
 
 /// One AMQP connection: host, credentials, vhost, TLS. Equal targets share a connection.
@@ -59,10 +67,6 @@ impl fmt::Debug for Management {
             self.username
         )
     }
-}
-
-fn decode(part: &str) -> String {
-    percent_decode_str(part).decode_utf8_lossy().into_owned()
 }
 
 impl RabbitTarget {
@@ -152,6 +156,25 @@ impl RabbitTarget {
             "{scheme}://{}:***@{}:{}/{vhost}",
             self.username, self.host, self.port
         )
+    }
+
+    /// Every host a reading with `layout` contacts: the AMQP host, then the management API.
+    pub fn contacts(&self, layout: &RabbitLayout) -> Vec<Contact> {
+        let base = &layout.management.base;
+        vec![
+            Contact::new(HostField::Broker, &self.host, self.port, self.tls.is_some()),
+            Contact::of_url(HostField::Management, Some(base), base.as_str()),
+        ]
+    }
+
+    /// Puts the checked `addr` in place of the host of `field` (the AMQP host, or the
+    /// management API's in `layout`).
+    pub fn pin(&mut self, layout: &mut RabbitLayout, field: &HostField, addr: IpAddr) {
+        if *field == HostField::Management {
+            pin_url(&mut layout.management.base, addr);
+        } else {
+            self.host = addr.to_string();
+        }
     }
 
     /// The management API derived from this URL: same host and credentials, `http://host:15672/`.

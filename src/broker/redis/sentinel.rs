@@ -15,10 +15,11 @@ use redis::{
     RedisError,
 };
 
-use super::{convert, RedisTarget};
+use super::error::convert;
+use super::target::RedisTarget;
+use crate::allowlist::{host_port, MasterCheck};
 use crate::error::{Error, Result};
 use crate::secret::{scrub, shown};
-use crate::tenancy::{host_port, MasterCheck};
 
 /// How one lookup reaches the Sentinels and the master they report.
 pub(super) struct CheckedSentinel {

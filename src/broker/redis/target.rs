@@ -1,14 +1,15 @@
 //! Redis broker URLs as Celery/kombu accept them, and the connection settings they produce.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
-use percent_encoding::percent_decode_str;
 use url::Url;
 
+use crate::allowlist::MasterCheck;
+use crate::broker::hosts::{Contact, HostField};
 use crate::error::{Error, Result};
-use crate::secret::{at_after_host, redact_url, Secret, AT_AFTER_HOST};
-use crate::tenancy::MasterCheck;
+use crate::secret::{at_after_host, decode, redact_url, Secret, AT_AFTER_HOST};
 
 /// Default Redis port, as kombu uses it.
 const DEFAULT_PORT: u16 = 6379;
@@ -64,10 +65,6 @@ impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
-}
-
-fn decode(part: &str) -> String {
-    percent_decode_str(part).decode_utf8_lossy().into_owned()
 }
 
 impl RedisTarget {
@@ -223,6 +220,54 @@ impl RedisTarget {
     /// Whether this target needs `sentinelMaster`.
     pub fn is_sentinel(&self) -> bool {
         matches!(self.addr, RedisAddr::Sentinel { .. })
+    }
+
+    /// Every host a reading contacts: the server, or each Sentinel node (the master a Sentinel
+    /// reports is checked by the client itself, [`MasterCheck`]). `None`: a Unix socket.
+    pub fn contacts(&self) -> Option<Vec<Contact>> {
+        match &self.addr {
+            RedisAddr::Tcp { host, port } => {
+                Some(vec![Contact::new(HostField::Broker, host, *port, false)])
+            }
+            RedisAddr::Tls { host, port, .. } => {
+                Some(vec![Contact::new(HostField::Broker, host, *port, true)])
+            }
+            RedisAddr::Unix { .. } => None,
+            RedisAddr::Sentinel { nodes, .. } => Some(
+                nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (host, port))| {
+                        Contact::new(HostField::SentinelNode(i), host, *port, false)
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Puts the checked `addr` in place of the host of `field`.
+    pub fn pin(&mut self, field: &HostField, addr: IpAddr) {
+        match &mut self.addr {
+            RedisAddr::Tcp { host, .. } => *host = addr.to_string(),
+            RedisAddr::Sentinel { nodes, .. } => {
+                if let HostField::SentinelNode(i) = field {
+                    if let Some(node) = nodes.get_mut(*i) {
+                        node.0 = addr.to_string();
+                    }
+                }
+            }
+            // Never pinned: a TLS host is admitted by its name alone (its certificate names it),
+            // and a socket has no host.
+            RedisAddr::Tls { .. } | RedisAddr::Unix { .. } => {}
+        }
+    }
+
+    /// Has every master the Sentinels report checked by `check` before any connection to it
+    /// (an inline `sentinel://` trigger under a host allowlist); other addresses report none.
+    pub fn check_reported_masters(&mut self, check: MasterCheck) {
+        if let RedisAddr::Sentinel { check: slot, .. } = &mut self.addr {
+            *slot = Some(check);
+        }
     }
 }
 

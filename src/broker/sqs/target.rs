@@ -2,12 +2,20 @@
 //! and kombu's translation of Celery queue names into SQS queue names.
 
 use std::fmt;
+use std::net::IpAddr;
 
-use percent_encoding::percent_decode_str;
 use url::Url;
 
+use crate::broker::hosts::{pin_url, Contact, HostField};
 use crate::error::{Error, Result};
-use crate::secret::{at_after_host, misread_char, redact_url, Secret, AT_AFTER_HOST};
+use crate::secret::{at_after_host, decode, misread_char, redact_url, Secret, AT_AFTER_HOST};
+
+/// Trigger options for SQS.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default)]
+pub struct SqsLayout {
+    /// kombu's `queue_name_prefix`.
+    pub queue_name_prefix: String,
+}
 
 /// One SQS client: region, endpoint and credentials. Equal targets share a client.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -25,10 +33,6 @@ impl fmt::Debug for SqsTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
-}
-
-fn decode(part: &str) -> String {
-    percent_decode_str(part).decode_utf8_lossy().into_owned()
 }
 
 impl SqsTarget {
@@ -85,6 +89,26 @@ impl SqsTarget {
             endpoint,
             access_key,
         })
+    }
+
+    /// Every host a reading contacts: the endpoint, if one is given (without one the SDK talks
+    /// to AWS's regional endpoint, not a host a trigger chooses: `awsRegion` is validated as a
+    /// region name). An endpoint that does not parse here is opaque, so refused (fail closed).
+    pub fn contacts(&self) -> Vec<Contact> {
+        self.endpoint
+            .iter()
+            .map(|raw| Contact::of_url(HostField::Endpoint, Url::parse(raw).ok().as_ref(), raw))
+            .collect()
+    }
+
+    /// Puts the checked `addr` in place of the endpoint's host (its only contact).
+    pub fn pin(&mut self, addr: IpAddr) {
+        if let Some(endpoint) = &mut self.endpoint {
+            if let Ok(mut url) = Url::parse(endpoint) {
+                pin_url(&mut url, addr);
+                *endpoint = url.as_str().trim_end_matches('/').to_string();
+            }
+        }
     }
 
     /// A URL for people: the secret key is `***`.

@@ -1,0 +1,69 @@
+//! The RabbitMQ depth reading: ready counts over AMQP, one queue after the other, beside the
+//! in-flight counts from the management API.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::amqp::RabbitBroker;
+use super::target::RabbitLayout;
+use crate::broker::census::Census;
+use crate::broker::reading::{Broker, Depth, QueueDepth, ReadyPart};
+use crate::error::{Error, Result};
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    type Layout = RabbitLayout;
+
+    async fn census(&self, layout: &RabbitLayout, window: Duration) -> Result<Option<Census>> {
+        self.inspect_active(layout, window).await.map(Some)
+    }
+
+    async fn depth(
+        &self,
+        layout: &RabbitLayout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Depth> {
+        // One after the other: a missing queue closes the channel, and its NOT_FOUND must be the
+        // error reported, not a closed-channel error of a concurrent declare.
+        let ready = async {
+            let mut counts = Vec::with_capacity(queues.len());
+            for q in queues {
+                counts.push(self.ready(q).await?);
+            }
+            Ok::<_, Error>(counts)
+        };
+        let unacked = async {
+            if in_flight {
+                futures::future::try_join_all(
+                    queues.iter().map(|q| self.unacked(&layout.management, q)),
+                )
+                .await
+            } else {
+                Ok(vec![0; queues.len()])
+            }
+        };
+        // Both run to the end, and the AMQP error wins: the same outage must give the same code
+        // (the management API of a node whose AMQP port is down may answer 401 or not at all).
+        let (ready, unacked) = futures::future::join(ready, unacked).await;
+        let (ready, unacked) = (ready?, unacked?);
+        Ok(Depth {
+            queues: queues
+                .iter()
+                .zip(ready.into_iter().zip(unacked))
+                .map(|(queue, (ready, in_flight))| QueueDepth {
+                    queue: queue.clone(),
+                    ready: vec![ReadyPart {
+                        source: format!("{queue} (messages ready)"),
+                        priority: None,
+                        count: ready,
+                    }],
+                    in_flight,
+                    running_workers: Vec::new(),
+                })
+                .collect(),
+            unresolved: Vec::new(),
+        })
+    }
+}

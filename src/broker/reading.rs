@@ -1,0 +1,94 @@
+//! What a reading returns (`Depth`, per queue and per source) and the trait every backend
+//! implements: two methods, a depth reading and a worker census.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::census::Census;
+use crate::error::Result;
+
+/// Ready messages in one list or queue (for Redis: one priority step).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ReadyPart {
+    /// Where they wait: a Redis key, shown printable.
+    pub source: String,
+    /// The priority step the source holds, when the broker splits queues by priority.
+    pub priority: Option<u8>,
+    pub count: u64,
+}
+
+/// The reading of one queue.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct QueueDepth {
+    pub queue: String,
+    pub ready: Vec<ReadyPart>,
+    /// Delivered, not yet acknowledged; 0 when the query did not ask for it.
+    pub in_flight: u64,
+    /// Running and already acknowledged, by the worker running each (one entry per task);
+    /// empty when the query did not ask for it.
+    pub running_workers: Vec<String>,
+}
+
+impl QueueDepth {
+    /// Ready messages over all parts.
+    pub fn ready_total(&self) -> u64 {
+        self.ready.iter().map(|p| p.count).sum()
+    }
+
+    /// Running tasks that were already acknowledged.
+    pub fn running(&self) -> u64 {
+        self.running_workers.len() as u64
+    }
+
+    /// What this queue adds to the depth.
+    pub fn total(&self) -> u64 {
+        self.ready_total() + self.in_flight + self.running()
+    }
+}
+
+/// One depth reading over every queue of a query.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Depth {
+    pub queues: Vec<QueueDepth>,
+    /// Running, acknowledged tasks whose queue could not be resolved (exchange and routing key
+    /// match no binding, or a `headers` exchange): counted nowhere, shown by `probe`. One line
+    /// per task; empty when the query did not count running tasks.
+    pub unresolved: Vec<String>,
+}
+
+impl Depth {
+    /// The number reported to KEDA.
+    pub fn total(&self) -> u64 {
+        self.queues.iter().map(QueueDepth::total).sum()
+    }
+}
+
+/// A broker backend: one client per target, shared by every trigger on it. Implementations
+/// hold their own connection and reconnect by themselves; the caller bounds the time each call
+/// may take.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// The trigger's options on this backend (key layout, management API, queue name prefix).
+    type Layout: Send + Sync;
+
+    /// Reads the depth of `queues`; `in_flight`: also the delivered, unacknowledged tasks.
+    async fn depth(
+        &self,
+        layout: &Self::Layout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Depth>;
+
+    /// Asks the workers what they are running (Celery remote control), collecting replies for
+    /// up to `window`. `None` when the broker has no worker remote control (SQS). No worker
+    /// answering is an empty census, not an error.
+    async fn census(&self, layout: &Self::Layout, window: Duration) -> Result<Option<Census>>;
+}
+
+/// Settings every backend client is built with.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Connect and response timeout for broker I/O (the RPC deadline).
+    pub timeout: Duration,
+}

@@ -1,0 +1,273 @@
+//! The Redis client's connection: one shared, self-reconnecting connection per broker (plain,
+//! TLS, Unix socket, or a Sentinel-managed master looked up again after a connection error),
+//! pipelines run over it, and the binding tables read through it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
+use tokio::sync::Mutex;
+
+use super::error::convert;
+use super::layout::{Binding, RedisLayout};
+use super::sentinel;
+use super::target::{RedisAddr, RedisTarget};
+use crate::broker::reading::ClientSettings;
+use crate::error::{Error, Result};
+use crate::secret::redact_urls;
+
+/// How the connection to the server is obtained.
+enum Source {
+    /// A fixed address: the manager reconnects to it by itself.
+    Direct(ConnectionManager),
+    /// A Sentinel-managed master: looked up on first use and again after a connection error,
+    /// so a failover moves the scaler to the new master.
+    Sentinel {
+        lookup: MasterLookup,
+        current: Mutex<Option<ConnectionManager>>,
+    },
+}
+
+/// How a Sentinel-managed master is looked up.
+enum MasterLookup {
+    /// The redis crate's client: named and default brokers, and inline triggers without a host
+    /// allowlist.
+    Crate(Box<Mutex<SentinelClient>>),
+    /// The scaler's own lookup, which checks the reported master before any connection to it:
+    /// inline triggers under a host allowlist.
+    Checked(Box<sentinel::CheckedSentinel>),
+}
+
+/// A Redis broker client, shared by every trigger that names the same [`RedisTarget`].
+pub struct RedisBroker {
+    pub(super) target: RedisTarget,
+    source: Source,
+    config: ConnectionManagerConfig,
+}
+
+impl RedisBroker {
+    /// Builds the client without connecting: the first query connects.
+    pub fn new(target: RedisTarget, settings: &ClientSettings) -> Result<Self> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let redacted = target.redacted();
+        let fail = |e: redis::RedisError| convert(&redacted, &target, e);
+        let redis_info = {
+            let mut info = RedisConnectionInfo::default().set_db(target.db);
+            if let Some(user) = &target.username {
+                info = info.set_username(user);
+            }
+            if let Some(pw) = &target.password {
+                info = info.set_password(pw.expose());
+            }
+            info
+        };
+        let source = match &target.addr {
+            RedisAddr::Sentinel {
+                nodes,
+                master,
+                check,
+            } => {
+                let master = master.as_deref().ok_or_else(|| {
+                    Error::invalid(
+                        "sentinelMaster",
+                        "is required with a sentinel:// broker URL (kombu's master_name)",
+                    )
+                })?;
+                let lookup = if let Some(check) = check {
+                    MasterLookup::Checked(Box::new(sentinel::CheckedSentinel {
+                        nodes: nodes.clone(),
+                        master: master.to_string(),
+                        check: check.clone(),
+                        redis: redis_info,
+                        timeout: settings.timeout,
+                    }))
+                } else {
+                    let addrs = nodes
+                        .iter()
+                        .map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
+                    let mut builder =
+                        SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+                            .map_err(fail)?
+                            .set_client_to_redis_db(target.db);
+                    if let Some(user) = &target.username {
+                        builder = builder.set_client_to_redis_username(user);
+                    }
+                    if let Some(pw) = &target.password {
+                        builder = builder.set_client_to_redis_password(pw.expose());
+                    }
+                    MasterLookup::Crate(Box::new(Mutex::new(builder.build().map_err(fail)?)))
+                };
+                Source::Sentinel {
+                    lookup,
+                    current: Mutex::new(None),
+                }
+            }
+            addr => {
+                let client = build_client(addr, redis_info, &redacted)?;
+                Source::Direct(
+                    ConnectionManager::new_lazy_with_config(client, config.clone())
+                        .map_err(fail)?,
+                )
+            }
+        };
+        Ok(RedisBroker {
+            target,
+            source,
+            config,
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager> {
+        let (lookup, current) = match &self.source {
+            Source::Direct(manager) => return Ok(manager.clone()),
+            Source::Sentinel { lookup, current } => (lookup, current),
+        };
+        let mut current = current.lock().await;
+        if let Some(conn) = current.as_ref() {
+            return Ok(conn.clone());
+        }
+        let manager = match lookup {
+            MasterLookup::Crate(sentinel) => {
+                let client = sentinel
+                    .lock()
+                    .await
+                    .async_get_client()
+                    .await
+                    .map_err(|e| self.convert(e))?;
+                ConnectionManager::new_lazy_with_config(client, self.config.clone())
+                    .map_err(|e| self.convert(e))?
+            }
+            MasterLookup::Checked(lookup) => lookup.master(&self.config, &self.target).await?,
+        };
+        *current = Some(manager.clone());
+        Ok(manager)
+    }
+
+    /// After a connection-level failure, forget a Sentinel-resolved master.
+    async fn forget_master(&self, err: &redis::RedisError) {
+        if let Source::Sentinel { current, .. } = &self.source {
+            if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+                *current.lock().await = None;
+            }
+        }
+    }
+
+    pub(super) fn unexpected(&self, err: impl std::fmt::Display) -> Error {
+        Error::Internal(format!(
+            "Redis broker {}: unexpected reply: {}",
+            self.target.redacted(),
+            redact_urls(&err.to_string())
+        ))
+    }
+
+    pub(super) fn convert(&self, err: redis::RedisError) -> Error {
+        convert(&self.target.redacted(), &self.target, err)
+    }
+
+    pub(super) async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        // The manager answers with the outcome of its last reconnect attempt and only then starts
+        // a new one. A refusal can be that stale outcome from while the server was down (nothing
+        // was sent), so one retry waits for the fresh attempt: without it the first reading after
+        // the server returns fails.
+        let mut retried = false;
+        loop {
+            let mut conn = self.connection().await?;
+            match pipe.query_async(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.forget_master(&e).await;
+                    if e.is_connection_refusal() && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(self.convert(e));
+                }
+            }
+        }
+    }
+}
+
+fn build_client(
+    addr: &RedisAddr,
+    redis_info: RedisConnectionInfo,
+    redacted: &str,
+) -> Result<Client> {
+    let unavailable = |what: String| Error::Unavailable(format!("Redis broker {redacted}: {what}"));
+    let conn_addr = match addr {
+        RedisAddr::Tcp { host, port } => ConnectionAddr::Tcp(host.clone(), *port),
+        RedisAddr::Tls { host, port, tls } => ConnectionAddr::TcpTls {
+            host: host.clone(),
+            port: *port,
+            insecure: !tls.verify,
+            tls_params: None,
+        },
+        RedisAddr::Unix { path } => ConnectionAddr::Unix(path.clone()),
+        RedisAddr::Sentinel { .. } => {
+            unreachable!("sentinel targets are built by RedisBroker::new")
+        }
+    };
+    let info: ConnectionInfo = conn_addr
+        .into_connection_info()
+        .map_err(|e| unavailable(e.to_string()))?
+        .set_redis_settings(redis_info);
+    match addr {
+        RedisAddr::Tls { tls, .. } if tls.ca_certs.is_some() || tls.client_cert.is_some() => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))
+            };
+            let root_cert = tls.ca_certs.as_deref().map(read).transpose()?;
+            let client_tls = match &tls.client_cert {
+                Some((cert, key)) => Some(redis::ClientTlsConfig {
+                    client_cert: read(cert)?,
+                    client_key: read(key)?,
+                }),
+                None => None,
+            };
+            Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(|e| unavailable(e.to_string()))
+        }
+        _ => Client::open(info).map_err(|e| unavailable(e.to_string())),
+    }
+}
+
+impl RedisBroker {
+    /// Binding tables of `exchanges`, parsed.
+    pub(super) async fn tables<'a>(
+        &self,
+        layout: &RedisLayout,
+        exchanges: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashMap<String, Vec<Binding>>> {
+        let exchanges: BTreeSet<&str> = exchanges.into_iter().filter(|e| !e.is_empty()).collect();
+        let mut tables = HashMap::new();
+        if exchanges.is_empty() {
+            return Ok(tables);
+        }
+        let mut pipe = redis::pipe();
+        for ex in &exchanges {
+            pipe.smembers(layout.binding_key(ex));
+        }
+        let members: Vec<Vec<String>> = self.run(&pipe).await?;
+        for (ex, rows) in exchanges.iter().zip(members) {
+            tables.insert(
+                ex.to_string(),
+                rows.iter()
+                    .filter_map(|m| layout.parse_binding(m))
+                    .collect(),
+            );
+        }
+        Ok(tables)
+    }
+}
