@@ -1,5 +1,8 @@
-//! Tenancy: which namespaces may use a named broker, which hosts a trigger may make the scaler
-//! contact, whether inline broker URLs are accepted, and who may borrow the scaler's AWS identity.
+//! Tenancy, the policy: which namespaces may use a named broker, which hosts a trigger may make
+//! the scaler contact, whether inline broker URLs are accepted, and who may borrow the scaler's
+//! AWS identity. The rules it applies are `allowlist`'s; the hosts are what each backend's target
+//! says it contacts (`Backend::contacts`); a trigger reaches it parsed (`metadata`, which refuses
+//! an inline URL itself when told to) and leaves it admitted for the broker.
 //!
 //! Every decision that a name or a literal address settles is pure ([`Tenancy::admit`]), so
 //! `GetMetricSpec` refuses exactly like the readings do without any I/O. A host name that only an
