@@ -60,40 +60,53 @@ impl Registry {
 
     /// Reads the depth `query` asks for, from its broker's client (created if needed).
     pub async fn depth(&self, query: &DepthQuery) -> Result<Depth> {
-        let (queues, in_flight, s) = (&query.queues, query.in_flight, &self.settings);
+        let (queues, in_flight) = (&query.queues, query.in_flight);
         match &query.backend {
             Backend::Redis { target, layout } => {
-                let client = self.redis.get(target, |t| RedisBroker::new(t, s))?;
-                client.depth(layout, queues, in_flight).await
+                self.redis_client(target)?
+                    .depth(layout, queues, in_flight)
+                    .await
             }
             Backend::RabbitMq { target, layout } => {
-                let client = self.rabbitmq.get(target, |t| RabbitBroker::new(t, s))?;
-                client.depth(layout, queues, in_flight).await
+                self.rabbitmq_client(target)?
+                    .depth(layout, queues, in_flight)
+                    .await
             }
             Backend::Sqs { target, layout } => {
-                let client = self.sqs.get(target, |t| SqsBroker::new(t, s))?;
-                client.depth(layout, queues, in_flight).await
+                self.sqs_client(target)?
+                    .depth(layout, queues, in_flight)
+                    .await
             }
         }
     }
 
     /// A worker census on `backend`'s broker, collecting replies for up to `window`.
     pub async fn census(&self, backend: &Backend, window: Duration) -> Result<Option<Census>> {
-        let s = &self.settings;
         match backend {
             Backend::Redis { target, layout } => {
-                let client = self.redis.get(target, |t| RedisBroker::new(t, s))?;
-                client.census(layout, window).await
+                self.redis_client(target)?.census(layout, window).await
             }
             Backend::RabbitMq { target, layout } => {
-                let client = self.rabbitmq.get(target, |t| RabbitBroker::new(t, s))?;
-                client.census(layout, window).await
+                self.rabbitmq_client(target)?.census(layout, window).await
             }
             Backend::Sqs { target, layout } => {
-                let client = self.sqs.get(target, |t| SqsBroker::new(t, s))?;
-                client.census(layout, window).await
+                self.sqs_client(target)?.census(layout, window).await
             }
         }
+    }
+
+    fn redis_client(&self, target: &RedisTarget) -> Result<Arc<RedisBroker>> {
+        self.redis
+            .get(target, |t| RedisBroker::new(t, &self.settings))
+    }
+
+    fn rabbitmq_client(&self, target: &RabbitTarget) -> Result<Arc<RabbitBroker>> {
+        self.rabbitmq
+            .get(target, |t| RabbitBroker::new(t, &self.settings))
+    }
+
+    fn sqs_client(&self, target: &SqsTarget) -> Result<Arc<SqsBroker>> {
+        self.sqs.get(target, |t| SqsBroker::new(t, &self.settings))
     }
 
     /// How many distinct broker clients exist.
