@@ -149,12 +149,8 @@ for s in "${rust_suites[@]}"; do all_tests+=(--test "$s"); done
 checks() {
     log "cargo fmt --check"
     cargo fmt --check
-    if [ -f scripts/check-layers.sh ]; then # TEMPORARY until the layer check lands (issue 21)
-        log "layers (scripts/check-layers.sh)"
-        bash scripts/check-layers.sh
-    else
-        log "WARNING: scripts/check-layers.sh does not exist yet"
-    fi
+    log "layers (scripts/check-layers.sh)"
+    bash scripts/check-layers.sh
     # The manifest and Helm checks need no Rust build: they run beside clippy.
     bg manifests bash -c 'CKS_VENV="$1" bash scripts/validate-manifests.sh && CKS_VENV="$1" bash scripts/check-helm.sh' _ "$VENV"
     log "cargo clippy --locked --all-targets -- -D warnings"
