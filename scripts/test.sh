@@ -124,7 +124,37 @@ kill_tree() {
 stop_jobs() { # at exit: whatever still runs in the background
     local pid
     for pid in "${JOB_PID[@]}"; do [ -n "$pid" ] && kill_tree "$pid"; done
-    return 0
+    rabbit_unlock
+}
+
+# Two test commands may run at once on one machine (two clones, a suite beside the full run). They
+# share the brokers but never a place on them, except that faults' and KEDA's RabbitMQ outage tests
+# stop the one RabbitMQ node: a run holds /tmp/cks-rabbit-outage.lock shared while its suites use
+# RabbitMQ and exclusively while it stops the node. The lock is held by a small process of its own,
+# so no broker, worker or container started meanwhile inherits it.
+RABBIT_LOCK=/tmp/cks-rabbit-outage.lock
+RABBIT_HOLDER=""
+rabbit_lock() { # -s (suites that use RabbitMQ) | -x (suites that stop it)
+    rabbit_unlock
+    local ready="$LOG_DIR/rabbit-lock$1"
+    rm -f "$ready"
+    flock "$1" "$RABBIT_LOCK" sh -c ': >"$1"; exec sleep 86400' _ "$ready" </dev/null >/dev/null 2>&1 &
+    RABBIT_HOLDER=$!
+    local waited=$SECONDS
+    until [ -e "$ready" ]; do
+        kill -0 "$RABBIT_HOLDER" 2>/dev/null || die "flock $1 $RABBIT_LOCK failed"
+        if [ $((SECONDS - waited)) = 2 ]; then
+            log "waiting for $RABBIT_LOCK ($1): another test command is stopping RabbitMQ or using it"
+            waited=$((waited - 1))
+        fi
+        sleep 0.2
+    done
+}
+rabbit_unlock() {
+    [ -n "$RABBIT_HOLDER" ] || return 0
+    kill_tree "$RABBIT_HOLDER"
+    wait "$RABBIT_HOLDER" 2>/dev/null || true
+    RABBIT_HOLDER=""
 }
 
 # The control plane's first build takes about 20 minutes on 2 cores, most of it while this script
@@ -376,6 +406,10 @@ rust_lane() {
 if [ $FULL = 0 ]; then
     for s in "${suites[@]}"; do
         case "$s" in
+            faults | keda) rabbit_lock -x ;; # they stop RabbitMQ (unless filtered out)
+            *) rabbit_lock -s ;;
+        esac
+        case "$s" in
             checks)
                 checks
                 cargo build --locked --bin celery-keda-scaler --message-format=json-render-diagnostics >"$LOG_DIR/build.json"
@@ -406,6 +440,7 @@ fi
 
 failed=()
 step=$SECONDS
+rabbit_lock -s
 bg rust rust_lane
 if [ $want_keda = 1 ]; then
     bg keda keda -skip "$KEDA_RABBIT_STOP"
@@ -425,6 +460,7 @@ log "image lane done in $(since $step)"
 # Alone: the shared RabbitMQ node is stopped and started again.
 step=$SECONDS
 log "the tests that stop the shared RabbitMQ, alone"
+rabbit_lock -x
 cargo test --locked --test faults -- --exact "$RUST_RABBIT_STOP" || failed+=("faults $RUST_RABBIT_STOP")
 if [ $want_keda = 1 ]; then
     keda -run "$KEDA_RABBIT_STOP" || failed+=("KEDA $KEDA_RABBIT_STOP")
