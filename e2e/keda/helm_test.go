@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/cluster/process"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -762,7 +763,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 	secret, deployment, so := exampleWorker(t)
 	setTrigger(t, so, "queues", queue)
 	apply(t, okNS, secret, deployment, so)
-	port, err := cluster.FreePort() // nothing listens here: connection refused
+	port, err := process.FreePort() // nothing listens here: connection refused
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -829,7 +830,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 		deadline := time.Now().Add(20 * time.Second)
 		for counter(name, labels) < min {
 			if time.Now().After(deadline) {
-				t.Fatalf("%s%v stayed below %v on the TLS scaler\n%s", name, labels, min, cluster.Tail(tlsScaler.log, 20))
+				t.Fatalf("%s%v stayed below %v on the TLS scaler\n%s", name, labels, min, process.Tail(tlsScaler.log, 20))
 			}
 			time.Sleep(50 * time.Millisecond)
 		}

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/cluster/process"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -126,11 +127,11 @@ type scalerProcess struct {
 
 // startScaler runs `celery-keda-scaler serve` on free loopback ports and waits for /readyz.
 func startScaler(bin, name string, extraArgs []string, env ...string) (*scalerProcess, error) {
-	grpcPort, err := cluster.FreePort()
+	grpcPort, err := process.FreePort()
 	if err != nil {
 		return nil, err
 	}
-	adminPort, err := cluster.FreePort()
+	adminPort, err := process.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -165,12 +166,12 @@ func startScaler(bin, name string, extraArgs []string, env ...string) (*scalerPr
 		}
 		select {
 		case <-s.done:
-			return nil, fmt.Errorf("the scaler exited at start-up\n%s", cluster.Tail(s.log, 20))
+			return nil, fmt.Errorf("the scaler exited at start-up\n%s", process.Tail(s.log, 20))
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			s.stop()
-			return nil, fmt.Errorf("the scaler was not ready within 30s\n%s", cluster.Tail(s.log, 20))
+			return nil, fmt.Errorf("the scaler was not ready within 30s\n%s", process.Tail(s.log, 20))
 		}
 	}
 }
@@ -452,7 +453,7 @@ func describe(ns string, gvr schema.GroupVersionResource, name string) string {
 		}
 	}
 	fmt.Fprintf(&b, "operator log lines about %s/%s:\n%s", ns, name, grepLog(kube.OperatorLog, ns, 25))
-	fmt.Fprintf(&b, "%s\n", cluster.Tail(scaler.log, 15))
+	fmt.Fprintf(&b, "%s\n", process.Tail(scaler.log, 15))
 	return b.String()
 }
 

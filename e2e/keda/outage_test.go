@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/cluster/process"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -26,7 +27,7 @@ type ownRedis struct {
 func startOwnRedis(t testing.TB, r *ownRedis) {
 	t.Helper()
 	if r.port == 0 {
-		p, err := cluster.FreePort()
+		p, err := process.FreePort()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -107,7 +108,7 @@ func outageBroker(t *testing.T, name, ns string) (b exampleBroker, stop, start f
 			}
 		}, start
 	case "sqs":
-		port, err := cluster.FreePort()
+		port, err := process.FreePort()
 		if err != nil {
 			t.Fatal(err)
 		}

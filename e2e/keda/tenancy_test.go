@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/cluster/process"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -46,7 +47,7 @@ func TestTenancyBrokerReservedToNamespace(t *testing.T) {
 	}
 	t.Cleanup(s.stop)
 	if !strings.Contains(readFile(t, s.log), "Tenancy protections") {
-		t.Fatalf("the scaler logged no tenancy protections line\n%s", cluster.Tail(s.log, 10))
+		t.Fatalf("the scaler logged no tenancy protections line\n%s", process.Tail(s.log, 10))
 	}
 
 	pub := newPublisher(t, local["CELERY_KEDA_BROKER_TEAM_A"])
@@ -131,7 +132,7 @@ func waitLogLine(t testing.TB, path, a, b string, timeout time.Duration) string 
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no line with %q and %q in %s within %s\n%s", a, b, path, timeout, cluster.Tail(path, 10))
+			t.Fatalf("no line with %q and %q in %s within %s\n%s", a, b, path, timeout, process.Tail(path, 10))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
