@@ -174,4 +174,3 @@ func (c *Cluster) waitCRDEstablished(ctx context.Context, name string) error {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
-

@@ -161,4 +161,3 @@ func (c *Cluster) startControllerManager(ctx context.Context) error {
 		return err
 	})
 }
-
