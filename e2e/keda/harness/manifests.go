@@ -34,10 +34,14 @@ func ModuleDir(t testing.TB, dir, module string) string {
 	return string(m[1])
 }
 
-// InstallCRDs applies CRD files and waits until each is Established (two tests may install the
-// same CRDs at once: applying an unchanged CRD changes nothing).
+var crdMu sync.Mutex
+
+// InstallCRDs applies CRD files and waits until each is Established. The CRDs are cluster-scoped
+// and several scenarios install the same ones: one installation at a time.
 func InstallCRDs(t testing.TB, files ...string) {
 	t.Helper()
+	crdMu.Lock()
+	defer crdMu.Unlock()
 	ctx := context.Background()
 	crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 	for _, f := range files {
