@@ -250,6 +250,11 @@ func testScaleDownFollowsBehavior(t *testing.T, b harness.ExampleBroker, ns stri
 	down["stabilizationWindowSeconds"] = int64(20)
 	policies[0].(map[string]any)["periodSeconds"] = int64(period)
 	harness.Set(t, so, behavior, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior")
+	// The queue exists and is empty before KEDA reads it: on RabbitMQ and SQS a missing queue is an
+	// error, which turns the ScaledObject Ready=False at its first reading (the wait below could
+	// only catch the moment before it).
+	pub.Publish(t, "celery", 1, 0)
+	pub.Purge(t, "celery")
 	harness.Apply(t, ns, secret, deployment, so)
 	harness.WaitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
 	hpa, err := harness.Kube.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).Get(context.Background(), "keda-hpa-"+so.GetName(), metav1.GetOptions{})
