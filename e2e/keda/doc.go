@@ -3,6 +3,6 @@
 // Deployments and ScaledJobs from its answers. The scenarios are in *_test.go, written with package
 // harness (objects, waits, Celery, each test's place on the brokers). Most run in parallel
 // (t.Parallel), each in namespaces and places on the brokers of its own; TestBrokerOutage, which
-// stops brokers, runs alone first. Run them through e2e/scripts/run.sh (or the project's test
+// stops brokers, and TestPushNeverLost, which asserts latencies, run first, alone. Run them through e2e/scripts/run.sh (or the project's test
 // command), which builds and finds everything they need.
 package e2e

@@ -19,7 +19,8 @@
 # CKS_E2E_RESULTS (JSON lines with the measured figures; default <workdir>/results.jsonl).
 #
 # Scenarios run in parallel (t.Parallel), each in namespaces, a Redis database, a RabbitMQ vhost
-# and an SQS queue prefix of its own; TestBrokerOutage runs first, alone. Its rabbitmq subtest
+# and an SQS queue prefix of its own; TestBrokerOutage (it stops brokers) and TestPushNeverLost (it
+# asserts latencies) run first, alone. Its rabbitmq subtest
 # stops the shared RabbitMQ node: when anything else uses that node, run it apart, as
 # scripts/test.sh does (`-skip TestBrokerOutage/rabbitmq`, then `-run TestBrokerOutage/rabbitmq`).
 set -euo pipefail

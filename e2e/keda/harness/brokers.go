@@ -90,7 +90,7 @@ func NewExampleBrokerAt(t testing.TB, name, ns, endpoint string) ExampleBroker {
 }
 
 // ForEachBroker runs scenario once per broker, each a parallel subtest in a namespace and a place
-// on the broker of its own. The calling test must be parallel too (t.Parallel).
+// on the broker of its own.
 func ForEachBroker(t *testing.T, scenario func(t *testing.T, b ExampleBroker, ns string)) {
 	for _, name := range BrokerNames {
 		t.Run(name, func(t *testing.T) {
