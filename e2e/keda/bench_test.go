@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/celery-keda-scaler/e2e/keda/harness"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
@@ -27,71 +28,72 @@ func BenchmarkActivation(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("CKS_E2E_BENCH_TRIALS")); err == nil && v > 0 {
 		trials = v
 	}
-	broker := e2eBroker()
+	db := harness.LeaseRedisDB(b)
+	broker := db.URL
 	variants := []struct {
 		name    string
 		polling int64
 		make    func(ns string, deployment *unstructured.Unstructured) *unstructured.Unstructured
 	}{
 		{"ours external-push", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return newScaledObject("bench", d.GetName(), "external-push", 30, 300, map[string]any{
-				"scalerAddress": scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
+			return harness.NewScaledObject("bench", d.GetName(), "external-push", 30, 300, map[string]any{
+				"scalerAddress": harness.Scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
 			})
 		}},
 		{"ours external, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return newScaledObject("bench", d.GetName(), "external", 5, 300, map[string]any{
-				"scalerAddress": scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
+			return harness.NewScaledObject("bench", d.GetName(), "external", 5, 300, map[string]any{
+				"scalerAddress": harness.Scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
 			})
 		}},
 		{"KEDA redis, pollingInterval 30 s", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return newScaledObject("bench", d.GetName(), "redis", 30, 300, builtinRedisMetadata("celery", 10))
+			return harness.NewScaledObject("bench", d.GetName(), "redis", 30, 300, builtinRedisMetadata(db, "celery", 10))
 		}},
 		{"KEDA redis, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
-			return newScaledObject("bench", d.GetName(), "redis", 5, 300, builtinRedisMetadata("celery", 10))
+			return harness.NewScaledObject("bench", d.GetName(), "redis", 5, 300, builtinRedisMetadata(db, "celery", 10))
 		}},
 	}
 	for n := 0; n < b.N; n++ {
 		for vi, v := range variants {
-			pub := newPublisher(b, broker)
+			pub := harness.NewPublisher(b, broker)
 			var lat []time.Duration
 			for i := 1; i <= trials; i++ {
 				ns := fmt.Sprintf("bench-activation-%d-%d-%d", n, vi, i)
-				namespace(b, ns)
-				pub.purge(b, "celery", "priority")
+				harness.Namespace(b, ns)
+				pub.Purge(b, "celery", "priority")
 				// The previous trial's reading (1 task) answers identical requests for the
 				// scaler's result window: the new ScaledObject's first poll must not get it.
-				time.Sleep(scalerResultWindow)
-				secret, deployment, _ := exampleWorker(b)
+				time.Sleep(harness.ScalerResultWindow)
+				secret, deployment, _ := harness.RedisWorkerExample(b, broker)
 				so := v.make(ns, deployment)
 				for _, o := range []*unstructured.Unstructured{secret, deployment, so} {
-					if _, err := kube.Apply(context.Background(), ns, o); err != nil {
+					if _, err := harness.Kube.Apply(context.Background(), ns, o); err != nil {
 						b.Fatal(err)
 					}
 				}
-				waitScaledObjectReady(b, ns, so.GetName(), 60*time.Second)
+				harness.WaitScaledObjectReady(b, ns, so.GetName(), 60*time.Second)
 				// A random phase against the polls: KEDA polled once at start.
 				time.Sleep(time.Duration(i%7) * 700 * time.Millisecond)
-				rw := watchReplicas(b, ns, deployment.GetName())
-				if c := rw.current(); c.Replicas != 0 {
-					b.Fatalf("%s trial %d: %d replicas before the task was published\n%s", v.name, i, c.Replicas, describe(ns, scaledObjectGVR, so.GetName()))
+				rw := harness.WatchReplicas(b, ns, deployment.GetName())
+				if c := rw.Current(); c.Replicas != 0 {
+					b.Fatalf("%s trial %d: %d replicas before the task was published\n%s", v.name, i, c.Replicas, harness.Describe(ns, harness.ScaledObjectGVR, so.GetName()))
 				}
-				pub.publish(b, "celery", 1, 0)
+				pub.Publish(b, "celery", 1, 0)
 				published := time.Now()
-				at, ok := rw.waitFor(1, time.Duration(v.polling+30)*time.Second)
+				at, ok := rw.WaitFor(1, time.Duration(v.polling+30)*time.Second)
 				if !ok {
-					b.Fatalf("%s trial %d: no replica within %d s\n%s", v.name, i, v.polling+30, describe(ns, scaledObjectGVR, so.GetName()))
+					b.Fatalf("%s trial %d: no replica within %d s\n%s", v.name, i, v.polling+30, harness.Describe(ns, harness.ScaledObjectGVR, so.GetName()))
 				}
 				lat = append(lat, at.Sub(published))
-				rw.stop()
-				_ = kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Delete(context.Background(), so.GetName(), metav1.DeleteOptions{})
+				rw.Stop()
+				_ = harness.Kube.Dynamic.Resource(harness.ScaledObjectGVR).Namespace(ns).Delete(context.Background(), so.GetName(), metav1.DeleteOptions{})
 			}
-			pub.purge(b, "celery", "priority")
+			pub.Purge(b, "celery", "priority")
 			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-			p50, p90 := percentile(lat, 50), percentile(lat, 90)
-			b.Logf("%-36s n=%d p50=%7.0f ms p90=%7.0f ms max=%7.0f ms", v.name, len(lat), ms(p50), ms(p90), ms(lat[len(lat)-1]))
-			b.ReportMetric(ms(p50), fmt.Sprintf("p50-ms/%d", vi))
-			b.ReportMetric(ms(p90), fmt.Sprintf("p90-ms/%d", vi))
-			writeResult(b, "activation", map[string]any{"variant": v.name, "trials": len(lat), "p50_ms": ms(p50), "p90_ms": ms(p90), "max_ms": ms(lat[len(lat)-1])})
+			p50, p90 := harness.Percentile(lat, 50), harness.Percentile(lat, 90)
+			b.Logf("%-36s n=%d p50=%7.0f ms p90=%7.0f ms max=%7.0f ms", v.name, len(lat), harness.Ms(p50), harness.Ms(p90), harness.Ms(lat[len(lat)-1]))
+			b.ReportMetric(harness.Ms(p50), fmt.Sprintf("p50-ms/%d", vi))
+			b.ReportMetric(harness.Ms(p90), fmt.Sprintf("p90-ms/%d", vi))
+			harness.WriteResult(b, "activation", map[string]any{"variant": v.name, "trials": len(lat), "p50_ms": harness.Ms(p50), "p90_ms": harness.Ms(p90), "max_ms": harness.Ms(lat[len(lat)-1])})
 		}
 	}
 }

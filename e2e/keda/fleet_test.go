@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/harness"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
@@ -35,28 +36,28 @@ import (
 func BenchmarkFleet(b *testing.B) {
 	sets, perSet := envInt("CKS_E2E_FLEET_SETS", 100), envInt("CKS_E2E_FLEET_PER_SET", 10)
 	window := time.Duration(envInt("CKS_E2E_FLEET_SECONDS", 60)) * time.Second
-	r := &ownRedis{}
-	startOwnRedis(b, r)
-	b.Cleanup(func() { r.stop(b) })
-	broker := fmt.Sprintf("redis://127.0.0.1:%d/0", r.port)
-	s, err := startScaler(os.Getenv("CKS_SCALER_BIN"), "scaler-fleet", nil)
+	r := &harness.OwnRedis{}
+	r.Start(b)
+	b.Cleanup(func() { r.Stop(b) })
+	broker := fmt.Sprintf("redis://127.0.0.1:%d/0", r.Port)
+	s, err := harness.StartScaler("scaler-fleet", nil)
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(s.stop)
-	pub := newPublisher(b, broker)
+	b.Cleanup(s.Stop)
+	pub := harness.NewPublisher(b, broker)
 	for n := 0; n < b.N; n++ {
 		for _, variant := range []string{"ours", "builtin"} {
-			namespaces := createFleet(b, fmt.Sprintf("fleet-%d-%s", n, variant), variant, s.Addr, broker, r.port, sets, perSet)
-			idle := measureFleet(b, variant+" idle", s, r.port, window)
+			namespaces := createFleet(b, fmt.Sprintf("fleet-%d-%s", n, variant), variant, s.Addr, broker, r.Port, sets, perSet)
+			idle := measureFleet(b, variant+" idle", s, r.Port, window)
 			for i := 0; i < sets; i++ {
-				pub.publish(b, fmt.Sprintf("fleet-%d", i), 5, 0)
+				pub.Publish(b, fmt.Sprintf("fleet-%d", i), 5, 0)
 			}
 			waitFleetReplicas(b, namespaces, sets*perSet, 1, 5*time.Minute)
-			active := measureFleet(b, variant+" active", s, r.port, window)
+			active := measureFleet(b, variant+" active", s, r.Port, window)
 			for _, m := range []fleetFigures{idle, active} {
 				b.Logf("%s: %s", m.name, m)
-				writeResult(b, "fleet", map[string]any{
+				harness.WriteResult(b, "fleet", map[string]any{
 					"variant": m.name, "scaled_objects": sets * perSet, "queue_sets": sets,
 					"scaler_cpu_pct": m.scalerCPU, "scaler_rss_kib": m.scalerRSS, "operator_cpu_pct": m.operatorCPU,
 					"operator_rss_kib": m.operatorRSS, "broker_commands_per_s": m.commandsPerSecond, "broker_cpu_pct": m.brokerCPU,
@@ -65,7 +66,7 @@ func BenchmarkFleet(b *testing.B) {
 			}
 			deleteFleet(b, namespaces)
 			for i := 0; i < sets; i++ {
-				pub.purge(b, fmt.Sprintf("fleet-%d", i), fmt.Sprintf("fleet-%d.high", i))
+				pub.Purge(b, fmt.Sprintf("fleet-%d", i), fmt.Sprintf("fleet-%d.high", i))
 			}
 		}
 	}
@@ -83,31 +84,31 @@ func envInt(name string, def int) int {
 func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redisPort, sets, perSet int) []string {
 	b.Helper()
 	start := time.Now()
-	objs := readExample(b, "deploy/examples/redis/worker.yaml")
-	secret, deployment, so := find(b, objs, "Secret"), find(b, objs, "Deployment"), find(b, objs, "ScaledObject")
-	set(b, secret, broker, "stringData", "url")
-	setImage(b, deployment)
-	setTrigger(b, so, "scalerAddress", scalerAddr)
+	objs := harness.ReadExample(b, "deploy/examples/redis/worker.yaml")
+	secret, deployment, so := harness.Find(b, objs, "Secret"), harness.Find(b, objs, "Deployment"), harness.Find(b, objs, "ScaledObject")
+	harness.Set(b, secret, broker, "stringData", "url")
+	harness.SetImage(b, deployment)
+	harness.SetTrigger(b, so, "scalerAddress", scalerAddr)
 	var namespaces []string
 	for k := 0; k < perSet; k++ {
-		ns := namespace(b, fmt.Sprintf("%s-%d", prefix, k))
+		ns := harness.Namespace(b, fmt.Sprintf("%s-%d", prefix, k))
 		namespaces = append(namespaces, ns)
-		apply(b, ns, secret)
+		harness.Apply(b, ns, secret)
 		for i := 0; i < sets; i++ {
 			name := fmt.Sprintf("w-%d", i)
-			dep := copyDeployment(b, deployment, name)
+			dep := harness.CopyDeployment(b, deployment, name)
 			var o *unstructured.Unstructured
 			if variant == "ours" {
 				o = so.DeepCopy()
 				o.SetName(name)
-				set(b, o, name, "spec", "scaleTargetRef", "name")
-				setTrigger(b, o, "queues", fmt.Sprintf("fleet-%d,fleet-%d.high", i, i))
+				harness.Set(b, o, name, "spec", "scaleTargetRef", "name")
+				harness.SetTrigger(b, o, "queues", fmt.Sprintf("fleet-%d,fleet-%d.high", i, i))
 			} else {
-				md := builtinRedisMetadata(fmt.Sprintf("fleet-%d", i), 10)
+				md := builtinRedisMetadata(harness.RedisDB{}, fmt.Sprintf("fleet-%d", i), 10)
 				md["address"], md["databaseIndex"] = fmt.Sprintf("127.0.0.1:%d", redisPort), "0"
-				o = newScaledObject(name, name, "redis", 30, 300, md)
+				o = harness.NewScaledObject(name, name, "redis", 30, 300, md)
 			}
-			apply(b, ns, dep, o)
+			harness.Apply(b, ns, dep, o)
 		}
 	}
 	// KEDA's operator reconciles about 2 ScaledObjects a second here (its default client rate
@@ -116,7 +117,7 @@ func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redis
 	for {
 		ready := 0
 		for _, ns := range namespaces {
-			list, err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).List(context.Background(), metav1.ListOptions{})
+			list, err := harness.Kube.Dynamic.Resource(harness.ScaledObjectGVR).Namespace(ns).List(context.Background(), metav1.ListOptions{})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -134,7 +135,7 @@ func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redis
 		}
 		time.Sleep(2 * time.Second)
 	}
-	logf("Fleet %s: %d ScaledObjects Ready in %s", prefix, sets*perSet, time.Since(start).Round(time.Second))
+	harness.Logf("Fleet %s: %d ScaledObjects Ready in %s", prefix, sets*perSet, time.Since(start).Round(time.Second))
 	return namespaces
 }
 
@@ -145,7 +146,7 @@ func waitFleetReplicas(b testing.TB, namespaces []string, want int, replicas int
 	for {
 		n := 0
 		for _, ns := range namespaces {
-			list, err := kube.Client.AppsV1().Deployments(ns).List(context.Background(), metav1.ListOptions{})
+			list, err := harness.Kube.Client.AppsV1().Deployments(ns).List(context.Background(), metav1.ListOptions{})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -170,10 +171,10 @@ func deleteFleet(b testing.TB, namespaces []string) {
 	b.Helper()
 	ctx := context.Background()
 	for _, ns := range namespaces {
-		if err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+		if err := harness.Kube.Dynamic.Resource(harness.ScaledObjectGVR).Namespace(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
 			b.Fatal(err)
 		}
-		if err := kube.Client.AppsV1().Deployments(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+		if err := harness.Kube.Client.AppsV1().Deployments(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -195,9 +196,9 @@ func (f fleetFigures) String() string {
 
 // measureFleet samples CPU time (/proc/<pid>/stat), the broker's total_commands_processed and the
 // connections at the start and end of window.
-func measureFleet(b testing.TB, name string, s *scalerProcess, redisPort int, window time.Duration) fleetFigures {
+func measureFleet(b testing.TB, name string, s *harness.ScalerProcess, redisPort int, window time.Duration) fleetFigures {
 	b.Helper()
-	scalerPid, operatorPid, redisPid := s.cmd.Process.Pid, kube.Pid("operator"), int(redisInfo(b, redisPort, "server", "process_id"))
+	scalerPid, operatorPid, redisPid := s.Pid(), harness.Kube.Pid("operator"), int(redisInfo(b, redisPort, "server", "process_id"))
 	cpu0s, cpu0o, cpu0r, cmd0 := cpuTicks(b, scalerPid), cpuTicks(b, operatorPid), cpuTicks(b, redisPid), redisInfo(b, redisPort, "stats", "total_commands_processed")
 	t0 := time.Now()
 	time.Sleep(window)

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/cluster/process"
+	"github.com/celery-keda-scaler/e2e/keda/harness"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -50,8 +52,8 @@ func helm(t *testing.T, args ...string) ([]byte, error) {
 	t.Helper()
 	home := t.TempDir()
 	cmd := exec.Command(helmBin(t), args...)
-	cmd.Dir = repoRoot
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+kube.Kubeconfig, "HELM_CACHE_HOME="+filepath.Join(home, "cache"),
+	cmd.Dir = harness.RepoRoot
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+harness.Kube.Kubeconfig, "HELM_CACHE_HOME="+filepath.Join(home, "cache"),
 		"HELM_CONFIG_HOME="+filepath.Join(home, "config"), "HELM_DATA_HOME="+filepath.Join(home, "data"))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -80,7 +82,7 @@ func helmTemplate(t *testing.T, release, ns, chart string, args ...string) []*un
 // tls-cert-manager-values.yaml).
 func valueSets(t *testing.T) map[string]string {
 	t.Helper()
-	files, _ := filepath.Glob(filepath.Join(repoRoot, chartCIRel, "*-values.yaml"))
+	files, _ := filepath.Glob(filepath.Join(harness.RepoRoot, chartCIRel, "*-values.yaml"))
 	sets := map[string]string{}
 	for _, f := range files {
 		sets[strings.TrimSuffix(filepath.Base(f), "-values.yaml")] = f
@@ -118,13 +120,13 @@ func byKind(t *testing.T, objs []*unstructured.Unstructured, kind string) *unstr
 // the modules pinned in e2e/crds (KEDA's are installed with KEDA).
 func chartCRDs(t *testing.T) {
 	t.Helper()
-	certManager := moduleDir(t, "../crds", "github.com/cert-manager/cert-manager")
-	promOperator := moduleDir(t, "../crds", "github.com/prometheus-operator/prometheus-operator")
+	certManager := harness.ModuleDir(t, "../crds", "github.com/cert-manager/cert-manager")
+	promOperator := harness.ModuleDir(t, "../crds", "github.com/prometheus-operator/prometheus-operator")
 	crds, _ := filepath.Glob(filepath.Join(certManager, "deploy", "crds", "cert-manager.io_*.yaml"))
 	for _, name := range []string{"servicemonitors", "prometheusrules"} {
 		crds = append(crds, filepath.Join(promOperator, "example", "prometheus-operator-crd", "monitoring.coreos.com_"+name+".yaml"))
 	}
-	installCRDs(t, crds...)
+	harness.InstallCRDs(t, crds...)
 }
 
 // TestHelmChartApply: the chart rendered with its defaults and with every value set of
@@ -132,6 +134,7 @@ func chartCRDs(t *testing.T) {
 // them (server-side apply, strict field validation, with KEDA's, cert-manager's and the Prometheus
 // Operator's CRDs installed).
 func TestHelmChartApply(t *testing.T) {
+	t.Parallel()
 	chartCRDs(t)
 	base := func(f string) []string {
 		return []string{"Deployment/" + f, "PodDisruptionBudget/" + f, "Service/" + f, "ServiceAccount/" + f}
@@ -172,7 +175,7 @@ func TestHelmChartApply(t *testing.T) {
 		}
 		// Each set its own namespace and release (cluster-scoped names differ too).
 		release := chartName + "-" + name
-		ns := namespace(t, "helm-"+name)
+		ns := harness.Namespace(t, "helm-"+name)
 		var args []string
 		if file != "" {
 			args = []string{"-f", file}
@@ -181,7 +184,7 @@ func TestHelmChartApply(t *testing.T) {
 		if got, w := objectNames(objs), expect(release); !reflect.DeepEqual(got, w) {
 			t.Errorf("value set %s renders %v, want %v", name, got, w)
 		}
-		total += applyAll(t, "helm template "+name, ns, objs)
+		total += harness.ApplyAll(t, "helm template "+name, ns, objs)
 	}
 	t.Logf("the API server accepted %d objects from %d value sets", total, len(sets))
 }
@@ -192,8 +195,9 @@ func TestHelmChartApply(t *testing.T) {
 // ServiceMonitor and deploy/components. Only the selector labels differ (the chart adds
 // app.kubernetes.io/instance so that two releases never select each other's pods).
 func TestHelmMatchesKustomize(t *testing.T) {
+	t.Parallel()
 	chart := helmTemplate(t, chartName, "keda", chartRel, "--set", "networkPolicy.enabled=true,serviceMonitor.enabled=true")
-	kust := kustomize(t, filepath.Join(repoRoot, "tests", "k8s", "components"))
+	kust := harness.Kustomize(t, filepath.Join(harness.RepoRoot, "tests", "k8s", "components"))
 	same := func(what string, a, b *unstructured.Unstructured, path ...string) {
 		t.Helper()
 		va, _, _ := unstructured.NestedFieldNoCopy(a.Object, path...)
@@ -281,7 +285,7 @@ func TestHelmMatchesKustomize(t *testing.T) {
 	// TLS from an existing Secret = deploy/overlays/tls.
 	chartTLS := helmTemplate(t, chartName, "keda", chartRel, "--set",
 		"tls.enabled=true,tls.existingSecret=celery-keda-scaler-tls,tls.triggerAuthentication.create=false")
-	kustTLS := kustomize(t, filepath.Join(repoRoot, "deploy", "overlays", "tls"))
+	kustTLS := harness.Kustomize(t, filepath.Join(harness.RepoRoot, "deploy", "overlays", "tls"))
 	compareDeployments("Deployment with TLS", byKind(t, chartTLS, "Deployment"), byKind(t, kustTLS, "Deployment"))
 	same("Service with TLS", byKind(t, chartTLS, "Service"), byKind(t, kustTLS, "Service"), "spec", "ports")
 }
@@ -291,8 +295,9 @@ func TestHelmMatchesKustomize(t *testing.T) {
 // Deployment (TLS files, HTTP probes) and the Service and adds the ClusterTriggerAuthentication;
 // `helm uninstall` removes every object and Helm's release record.
 func TestHelmInstallUpgradeUninstall(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
-	ns := namespace(t, "helm-lifecycle")
+	ns := harness.Namespace(t, "helm-lifecycle")
 	release := "celery-keda-scaler-lifecycle"
 	type ref struct {
 		gvr  schema.GroupVersionResource
@@ -308,12 +313,12 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 	cta := ref{ctas, "", release + "-tls"}
 	get := func(r ref) (*unstructured.Unstructured, error) {
 		if r.ns == "" {
-			return kube.Dynamic.Resource(r.gvr).Get(ctx, r.name, metav1.GetOptions{})
+			return harness.Kube.Dynamic.Resource(r.gvr).Get(ctx, r.name, metav1.GetOptions{})
 		}
-		return kube.Dynamic.Resource(r.gvr).Namespace(r.ns).Get(ctx, r.name, metav1.GetOptions{})
+		return harness.Kube.Dynamic.Resource(r.gvr).Namespace(r.ns).Get(ctx, r.name, metav1.GetOptions{})
 	}
 	releaseSecrets := func() []string {
-		list, err := kube.Client.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{LabelSelector: "owner=helm,name=" + release})
+		list, err := harness.Kube.Client.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{LabelSelector: "owner=helm,name=" + release})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -349,7 +354,7 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 		"tls.enabled=true,tls.existingSecret=scaler-tls,tls.triggerAuthentication.clientSecret=keda-client-tls"); err != nil {
 		t.Fatal(err)
 	}
-	dep, err := kube.Client.AppsV1().Deployments(ns).Get(ctx, release, metav1.GetOptions{})
+	dep, err := harness.Kube.Client.AppsV1().Deployments(ns).Get(ctx, release, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -374,7 +379,7 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 	if v := dep.Spec.Template.Spec.Volumes; len(v) != 1 || v[0].Secret == nil || v[0].Secret.SecretName != "scaler-tls" {
 		t.Errorf("after helm upgrade with TLS: volumes %+v, want the Secret scaler-tls", v)
 	}
-	svc, err := kube.Client.CoreV1().Services(ns).Get(ctx, release, metav1.GetOptions{})
+	svc, err := harness.Kube.Client.CoreV1().Services(ns).Get(ctx, release, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -419,8 +424,9 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 // container unchanged and the scaler container exactly as deploy/overlays/sidecar adds it; the API
 // server accepts it.
 func TestHelmKedaSidecarValues(t *testing.T) {
-	chart := filepath.Join(moduleDir(t, "../helm", kedaChartModule), "keda")
-	ns := namespace(t, "helm-keda-sidecar")
+	t.Parallel()
+	chart := filepath.Join(harness.ModuleDir(t, "../helm", kedaChartModule), "keda")
+	ns := harness.Namespace(t, "helm-keda-sidecar")
 	plain := helmTemplate(t, "keda", ns, chart, "--show-only", "templates/manager/deployment.yaml")
 	sidecar := helmTemplate(t, "keda", ns, chart, "--show-only", "templates/manager/deployment.yaml", "-f", kedaSidecarRel)
 	before, after := byKind(t, plain, "Deployment"), byKind(t, sidecar, "Deployment")
@@ -435,15 +441,15 @@ func TestHelmKedaSidecarValues(t *testing.T) {
 		}
 	}
 	scalerC := ac[len(ac)-1].(map[string]any)
-	patch := readExample(t, "deploy/overlays/sidecar/keda-operator-patch.yaml")
+	patch := harness.ReadExample(t, "deploy/overlays/sidecar/keda-operator-patch.yaml")
 	pc, _, _ := unstructured.NestedSlice(patch[0].Object, "spec", "template", "spec", "containers")
 	if len(pc) != 1 || !reflect.DeepEqual(pc[0], scalerC) {
 		a, _ := json.Marshal(scalerC)
 		b, _ := json.Marshal(pc)
 		t.Errorf("the scaler container from KEDA's chart values differs from deploy/overlays/sidecar:\nchart values: %s\nkustomize:    %s", a, b)
 	}
-	n := applyAll(t, "KEDA's chart with "+kedaSidecarRel, ns, sidecar)
-	applied, err := kube.Client.AppsV1().Deployments(ns).Get(context.Background(), after.GetName(), metav1.GetOptions{})
+	n := harness.ApplyAll(t, "KEDA's chart with "+kedaSidecarRel, ns, sidecar)
+	applied, err := harness.Kube.Client.AppsV1().Deployments(ns).Get(context.Background(), after.GetName(), metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -716,11 +722,13 @@ func monitoringQueries(t *testing.T) []query {
 
 // TestHelmMonitoringMetricsExist: every metric and label (and label value) that the chart's
 // alerts and dashboard query exists in the real /metrics of running scalers after real readings:
-// the suite's scaler read by KEDA (one ScaledObject on the suite's Redis with tasks waiting, one on
-// a Redis port nobody listens on: broker and census errors), and a scaler with TLS whose
+// a scaler of the test's own read by KEDA (one ScaledObject on a Redis database of the test's with
+// tasks waiting, one on a Redis port nobody listens on: broker and census errors; no other test's
+// readings in its /metrics), and a scaler with TLS whose
 // certificate files are replaced by a broken and then a valid set and that gets a plaintext
 // connection on its TLS port. Renaming a metric or a label breaks this test, not the dashboard.
 func TestHelmMonitoringMetricsExist(t *testing.T) {
+	t.Parallel()
 	queries := monitoringQueries(t)
 	reqs := requirements(t, queries)
 	t.Logf("%d queries (alerts and dashboard) need %d metric/label facts", len(queries), len(reqs))
@@ -752,54 +760,58 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 		t.Fatalf("with nothing scraped, %d of %d requirements count as met", len(reqs)-len(left), len(reqs))
 	}
 
-	// Readings by KEDA on the suite's scaler.
+	// Readings by KEDA on a plain scaler of the test's own.
+	plain := harness.OwnScaler(t, "helm-metrics", nil)
 	queue := "helm-metrics"
-	pub := newPublisher(t, e2eBroker())
-	pub.purge(t, queue)
-	t.Cleanup(func() { pub.purge(t, queue) })
-	pub.publish(t, queue, 3, 0)
-	okNS := namespace(t, "helm-metrics-ok")
-	secret, deployment, so := exampleWorker(t)
-	setTrigger(t, so, "queues", queue)
-	apply(t, okNS, secret, deployment, so)
-	port, err := cluster.FreePort() // nothing listens here: connection refused
+	broker := harness.LeaseRedisDB(t).URL
+	pub := harness.NewPublisher(t, broker)
+	pub.Purge(t, queue)
+	t.Cleanup(func() { pub.Purge(t, queue) })
+	pub.Publish(t, queue, 3, 0)
+	okNS := harness.Namespace(t, "helm-metrics-ok")
+	secret, deployment, so := harness.RedisWorkerExample(t, broker)
+	harness.SetTrigger(t, so, "queues", queue)
+	harness.SetTrigger(t, so, "scalerAddress", plain.Addr)
+	harness.Apply(t, okNS, secret, deployment, so)
+	port, err := process.FreePort() // nothing listens here: connection refused
 	if err != nil {
 		t.Fatal(err)
 	}
-	badNS := namespace(t, "helm-metrics-down")
-	secret2, deployment2, so2 := exampleWorker(t)
-	set(t, secret2, fmt.Sprintf("redis://127.0.0.1:%d/0", port), "stringData", "url")
-	setTrigger(t, so2, "queues", queue)
-	set(t, so2, int64(2), "spec", "pollingInterval")
-	apply(t, badNS, secret2, deployment2, so2)
+	badNS := harness.Namespace(t, "helm-metrics-down")
+	secret2, deployment2, so2 := harness.RedisWorkerExample(t, broker)
+	harness.Set(t, secret2, fmt.Sprintf("redis://127.0.0.1:%d/0", port), "stringData", "url")
+	harness.SetTrigger(t, so2, "queues", queue)
+	harness.SetTrigger(t, so2, "scalerAddress", plain.Addr)
+	harness.Set(t, so2, int64(2), "spec", "pollingInterval")
+	harness.Apply(t, badNS, secret2, deployment2, so2)
 	t.Cleanup(func() {
 		for ns, name := range map[string]string{okNS: so.GetName(), badNS: so2.GetName()} {
-			_ = kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Delete(context.Background(), name, metav1.DeleteOptions{})
+			_ = harness.Kube.Dynamic.Resource(harness.ScaledObjectGVR).Namespace(ns).Delete(context.Background(), name, metav1.DeleteOptions{})
 		}
 	})
 
 	// A scaler with TLS: a refused and an accepted certificate reload, a failed handshake.
 	dir := t.TempDir()
-	leaf, err := kube.CA.Issue("celery-keda-scaler", nil, "127.0.0.1", "localhost")
+	leaf, err := harness.Kube.CA.Issue("celery-keda-scaler", nil, "127.0.0.1", "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := leaf.Write(dir, "tls.crt", "tls.key"); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), kube.CA.CertPEM, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), harness.Kube.CA.CertPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	tlsScaler, err := startScaler(os.Getenv("CKS_SCALER_BIN"), "helm-metrics-tls", []string{
+	tlsScaler, err := harness.StartScaler("helm-metrics-tls", []string{
 		"--tls-cert-file", filepath.Join(dir, "tls.crt"), "--tls-key-file", filepath.Join(dir, "tls.key"),
 		"--tls-client-ca-file", filepath.Join(dir, "ca.crt"), "--tls-reload-interval", "100ms",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer tlsScaler.stop()
+	defer tlsScaler.Stop()
 	counter := func(name string, labels map[string]string) float64 {
-		resp, err := http.Get("http://" + tlsScaler.admin + "/metrics")
+		resp, err := http.Get("http://" + tlsScaler.Admin + "/metrics")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -829,7 +841,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 		deadline := time.Now().Add(20 * time.Second)
 		for counter(name, labels) < min {
 			if time.Now().After(deadline) {
-				t.Fatalf("%s%v stayed below %v on the TLS scaler\n%s", name, labels, min, cluster.Tail(tlsScaler.log, 20))
+				t.Fatalf("%s%v stayed below %v on the TLS scaler\n%s", name, labels, min, process.Tail(tlsScaler.Log, 20))
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
@@ -839,7 +851,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitCounter("celery_keda_tls_reloads_total", map[string]string{"result": "error"}, 1)
-	leaf2, err := kube.CA.Issue("celery-keda-scaler", nil, "127.0.0.1", "localhost")
+	leaf2, err := harness.Kube.CA.Issue("celery-keda-scaler", nil, "127.0.0.1", "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -858,7 +870,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 	// KEDA's readings: wait until the union of both scrapes satisfies every requirement.
 	deadline := time.Now().Add(90 * time.Second)
 	for {
-		scraped := append(scrape(t, scaler.admin), scrape(t, tlsScaler.admin)...)
+		scraped := append(scrape(t, plain.Admin), scrape(t, tlsScaler.Admin)...)
 		left := missing(reqs, scraped)
 		if len(left) == 0 {
 			t.Logf("every metric, label and label value of the alerts and the dashboard is in the scalers' /metrics (%d series scraped)", len(scraped))
@@ -870,7 +882,7 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 				lines = append(lines, "  "+r.String())
 			}
 			t.Fatalf("not in the real /metrics after 90s of readings (the dashboard or an alert queries something the scaler does not export):\n%s\n%s",
-				strings.Join(lines, "\n"), describe(badNS, scaledObjectGVR, so2.GetName()))
+				strings.Join(lines, "\n"), harness.Describe(badNS, harness.ScaledObjectGVR, so2.GetName()))
 		}
 		time.Sleep(500 * time.Millisecond)
 	}

@@ -7,62 +7,16 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/celery-keda-scaler/e2e/keda/cluster"
+	"github.com/celery-keda-scaler/e2e/keda/cluster/process"
+	"github.com/celery-keda-scaler/e2e/keda/harness"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// ownRedis is a redis-server of this test alone, so that it can be stopped: SHUTDOWN SAVE keeps its
-// data in dir, and a restart on the same port loads it again.
-type ownRedis struct {
-	port int
-	dir  string
-}
-
-func startOwnRedis(t testing.TB, r *ownRedis) {
-	t.Helper()
-	if r.port == 0 {
-		p, err := cluster.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		r.port, r.dir = p, t.TempDir()
-	}
-	out, err := exec.Command("redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", strconv.Itoa(r.port),
-		"--dir", r.dir, "--save", "", "--appendonly", "no", "--logfile", filepath.Join(r.dir, "redis.log")).CombinedOutput()
-	if err != nil {
-		t.Fatalf("redis-server: %v: %s", err, out)
-	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if out, err := exec.Command("redis-cli", "-p", strconv.Itoa(r.port), "ping").Output(); err == nil && string(out) == "PONG\n" {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("own redis-server on %d did not answer PING", r.port)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-func (r *ownRedis) stop(t testing.TB) {
-	t.Helper()
-	// Exits with an error status when the connection drops at shutdown: that is the success case.
-	_ = exec.Command("redis-cli", "-p", strconv.Itoa(r.port), "shutdown", "save").Run()
-	deadline := time.Now().Add(20 * time.Second)
-	for exec.Command("redis-cli", "-p", strconv.Itoa(r.port), "ping").Run() == nil {
-		if time.Now().After(deadline) {
-			t.Fatalf("own redis-server on %d did not stop", r.port)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// outageBroker is an exampleBroker on a server the test may take away and give back:
+// outageBroker is a harness.ExampleBroker on a server the test may take away and give back:
 //   - redis: a redis-server of the test's own, shut down (SHUTDOWN SAVE) and started again on the
 //     same port with its data;
 //   - rabbitmq: the suite's RabbitMQ, `rabbitmqctl stop_app` (AMQP and the management API stop
@@ -70,17 +24,17 @@ func (r *ownRedis) stop(t testing.TB) {
 //   - sqs: a moto server of the test's own, frozen (SIGSTOP: every request hangs until the
 //     scaler's deadline) and thawed (SIGCONT): moto keeps its queues in memory only, so it is not
 //     killed.
-func outageBroker(t *testing.T, name, ns string) (b exampleBroker, stop, start func()) {
+func outageBroker(t *testing.T, name, ns string) (b harness.ExampleBroker, stop, start func()) {
 	t.Helper()
 	switch name {
 	case "redis":
-		r := &ownRedis{}
-		startOwnRedis(t, r)
-		t.Cleanup(func() { r.stop(t) })
-		b = newExampleBrokerAt(t, name, ns, fmt.Sprintf("redis://127.0.0.1:%d/0", r.port))
-		return b, func() { r.stop(t) }, func() { startOwnRedis(t, r) }
+		r := &harness.OwnRedis{}
+		r.Start(t)
+		t.Cleanup(func() { r.Stop(t) })
+		b = harness.NewExampleBrokerAt(t, name, ns, fmt.Sprintf("redis://127.0.0.1:%d/0", r.Port))
+		return b, func() { r.Stop(t) }, func() { r.Start(t) }
 	case "rabbitmq":
-		b = newExampleBroker(t, name, ns)
+		b = harness.NewExampleBroker(t, name, ns)
 		running := true
 		start = func() {
 			if out, err := exec.Command("rabbitmqctl", "start_app").CombinedOutput(); err != nil {
@@ -107,17 +61,17 @@ func outageBroker(t *testing.T, name, ns string) (b exampleBroker, stop, start f
 			}
 		}, start
 	case "sqs":
-		port, err := cluster.FreePort()
+		port, err := process.FreePort()
 		if err != nil {
 			t.Fatal(err)
 		}
-		cmd := exec.Command(filepath.Join(filepath.Dir(python), "moto_server"), "-H", "127.0.0.1", "-p", strconv.Itoa(port))
+		cmd := exec.Command(filepath.Join(filepath.Dir(harness.Python), "moto_server"), "-H", "127.0.0.1", "-p", strconv.Itoa(port))
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if err := cmd.Start(); err != nil {
-			t.Fatalf("start moto_server (beside %s): %v", python, err)
+			t.Fatalf("start moto_server (beside %s): %v", harness.Python, err)
 		}
 		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		b = newExampleBrokerAt(t, name, ns, fmt.Sprintf("http://127.0.0.1:%d", port))
+		b = harness.NewExampleBrokerAt(t, name, ns, fmt.Sprintf("http://127.0.0.1:%d", port))
 		deadline := time.Now().Add(60 * time.Second)
 		for {
 			conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
@@ -145,8 +99,8 @@ func outageBroker(t *testing.T, name, ns string) (b exampleBroker, stop, start f
 }
 
 // probeErr is the error of one `probe` reading of the broker's example queues (nil: it answered).
-func probeErr(b exampleBroker) error {
-	_, err := probeDepth(b.broker, b.queues, b.probe...)
+func probeErr(b harness.ExampleBroker) error {
+	_, err := harness.ProbeDepth(b.Broker, b.Queues, b.Probe...)
 	return err
 }
 
@@ -157,111 +111,74 @@ func probeErr(b exampleBroker) error {
 // error, not 0, for every reading. When the broker returns with its data, the computed replicas
 // come back. pollingInterval is 5 s (the examples leave KEDA's 30 s default) so that three
 // failures take 15 s.
+//
+// It runs sequentially (no t.Parallel): Go runs it, alone, before it releases the parallel
+// scenarios. Its redis and sqs subtests, each on a server of its own, run in parallel with each
+// other; the rabbitmq subtest stops the suite's shared RabbitMQ and runs first, alone (the test
+// command runs it apart, with -run TestBrokerOutage/rabbitmq, after everything else).
 func TestBrokerOutage(t *testing.T) {
-	for _, name := range brokerNames {
+	for _, name := range harness.BrokerNames {
 		t.Run(name, func(t *testing.T) {
-			ns := namespace(t, nsName(t, ""))
+			if name != "rabbitmq" {
+				t.Parallel()
+			}
+			ns := harness.Namespace(t, harness.NSName(t, ""))
 			b, stop, start := outageBroker(t, name, ns)
 			testBrokerOutage(t, b, ns, stop, start)
 		})
 	}
 }
 
-func testBrokerOutage(t *testing.T, b exampleBroker, ns string, stopBroker, startBroker func()) {
-	pub := b.publisher(t)
-	secret, deployment, plain := b.workerExample(t)
-	setTrigger(t, plain, "queues", "celery")
-	plainDep := copyDeployment(t, deployment, "celery-worker-plain")
+func testBrokerOutage(t *testing.T, b harness.ExampleBroker, ns string, stopBroker, startBroker func()) {
+	pub := b.Publisher(t)
+	secret, deployment, plain := b.WorkerExample(t)
+	harness.SetTrigger(t, plain, "queues", "celery")
+	plainDep := harness.CopyDeployment(t, deployment, "celery-worker-plain")
 	plain.SetName("celery-worker-plain")
-	set(t, plain, "celery-worker-plain", "spec", "scaleTargetRef", "name")
-	fb := find(t, readExample(t, b.dir+"/fallback.yaml"), "ScaledObject")
-	b.fix(t, fb)
-	set(t, fb, int64(5), "spec", "pollingInterval")
-	set(t, plain, int64(5), "spec", "pollingInterval")
-	fallbackReplicas, _, _ := nestedInt(fb.Object, "spec", "fallback", "replicas")
-	pub.publish(t, "celery", 25, 0) // queueLength 10 -> 3 replicas; creates the queue first
-	apply(t, ns, secret, deployment, plainDep, fb, plain)
-	waitScaledObjectReady(t, ns, fb.GetName(), 60*time.Second)
-	waitScaledObjectReady(t, ns, plain.GetName(), 60*time.Second)
-	withFallback, without := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, plainDep.GetName())
+	harness.Set(t, plain, "celery-worker-plain", "spec", "scaleTargetRef", "name")
+	fb := harness.Find(t, harness.ReadExample(t, b.Dir+"/fallback.yaml"), "ScaledObject")
+	b.Fix(t, fb)
+	harness.Set(t, fb, int64(5), "spec", "pollingInterval")
+	harness.Set(t, plain, int64(5), "spec", "pollingInterval")
+	fallbackReplicas, _, _ := harness.NestedInt(fb.Object, "spec", "fallback", "replicas")
+	pub.Publish(t, "celery", 25, 0) // queueLength 10 -> 3 replicas; creates the queue first
+	harness.Apply(t, ns, secret, deployment, plainDep, fb, plain)
+	harness.WaitScaledObjectReady(t, ns, fb.GetName(), 60*time.Second)
+	harness.WaitScaledObjectReady(t, ns, plain.GetName(), 60*time.Second)
+	withFallback, without := harness.WatchReplicas(t, ns, deployment.GetName()), harness.WatchReplicas(t, ns, plainDep.GetName())
 
-	for name, rw := range map[string]*replicaWatch{fb.GetName(): withFallback, plain.GetName(): without} {
-		if _, ok := rw.waitFor(3, 90*time.Second); !ok {
-			t.Fatalf("%s: 25 tasks, queueLength 10: replicas %d, want 3; %v\n%s", name, rw.current().Replicas, rw.changes(), describe(ns, scaledObjectGVR, name))
+	for name, rw := range map[string]*harness.ReplicaWatch{fb.GetName(): withFallback, plain.GetName(): without} {
+		if _, ok := rw.WaitFor(3, 90*time.Second); !ok {
+			t.Fatalf("%s: 25 tasks, queueLength 10: replicas %d, want 3; %v\n%s", name, rw.Current().Replicas, rw.Changes(), harness.Describe(ns, harness.ScaledObjectGVR, name))
 		}
 	}
-	pub.cmd.Process.Kill() //nolint:errcheck // the publisher's connection would only retry during the outage
+	pub.Kill() //nolint:errcheck // the publisher's connection would only retry during the outage
 
 	stopBroker()
 	down := time.Now()
-	if _, ok := withFallback.waitFor(int32(fallbackReplicas), 120*time.Second); !ok {
-		t.Fatalf("%s down: %s has %d replicas, want the fallback's %d; %v\n%s", b.name, fb.GetName(), withFallback.current().Replicas, fallbackReplicas, withFallback.changes(), describe(ns, scaledObjectGVR, fb.GetName()))
+	if _, ok := withFallback.WaitFor(int32(fallbackReplicas), 120*time.Second); !ok {
+		t.Fatalf("%s down: %s has %d replicas, want the fallback's %d; %v\n%s", b.Name, fb.GetName(), withFallback.Current().Replicas, fallbackReplicas, withFallback.Changes(), harness.Describe(ns, harness.ScaledObjectGVR, fb.GetName()))
 	}
-	waitCondition(t, ns, fb.GetName(), "Fallback", "True")
+	harness.WaitCondition(t, ns, fb.GetName(), "Fallback", "True")
 	applied := time.Since(down)
-	t.Logf("%s down at %s: fallback of %d replicas applied after %s", b.name, down.Format("15:04:05"), fallbackReplicas, applied.Round(time.Millisecond))
+	t.Logf("%s down at %s: fallback of %d replicas applied after %s", b.Name, down.Format("15:04:05"), fallbackReplicas, applied.Round(time.Millisecond))
 	// Hold the outage for three more polling intervals: the replicas of the trigger without
 	// fallback never move.
 	time.Sleep(15 * time.Second)
-	if h := without.changes(); h[len(h)-1].Replicas != 3 || h[len(h)-1].At.After(down) {
+	if h := without.Changes(); h[len(h)-1].Replicas != 3 || h[len(h)-1].At.After(down) {
 		t.Fatalf("without fallback the replicas changed during the outage: %v", h)
 	}
-	events, _ := kube.Client.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{FieldSelector: "reason=KEDAScalerFailed"})
+	events, _ := harness.Kube.Client.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{FieldSelector: "reason=KEDAScalerFailed"})
 	if len(events.Items) == 0 {
-		t.Fatalf("no KEDAScalerFailed event during the outage\n%s", describe(ns, scaledObjectGVR, plain.GetName()))
+		t.Fatalf("no KEDAScalerFailed event during the outage\n%s", harness.Describe(ns, harness.ScaledObjectGVR, plain.GetName()))
 	}
 	t.Logf("KEDAScalerFailed event: %s", events.Items[0].Message)
 
 	startBroker()
-	if _, ok := withFallback.waitFor(3, 120*time.Second); !ok {
-		t.Fatalf("%s back: %s has %d replicas, want the computed 3; %v\n%s", b.name, fb.GetName(), withFallback.current().Replicas, withFallback.changes(), describe(ns, scaledObjectGVR, fb.GetName()))
+	if _, ok := withFallback.WaitFor(3, 120*time.Second); !ok {
+		t.Fatalf("%s back: %s has %d replicas, want the computed 3; %v\n%s", b.Name, fb.GetName(), withFallback.Current().Replicas, withFallback.Changes(), harness.Describe(ns, harness.ScaledObjectGVR, fb.GetName()))
 	}
-	waitCondition(t, ns, fb.GetName(), "Fallback", "False")
-	t.Logf("with fallback: %v; without: %v", withFallback.changes(), without.changes())
-	writeResult(t, b.name+"_outage", map[string]any{"fallback_applied_s": applied.Seconds()})
-}
-
-func nestedInt(obj map[string]any, path ...string) (int64, bool, error) {
-	var cur any = obj
-	for _, p := range path {
-		m, ok := cur.(map[string]any)
-		if !ok {
-			return 0, false, fmt.Errorf("no %v", path)
-		}
-		cur = m[p]
-	}
-	switch v := cur.(type) {
-	case int64:
-		return v, true, nil
-	case float64:
-		return int64(v), true, nil
-	}
-	return 0, false, fmt.Errorf("%v is %T", path, cur)
-}
-
-// waitCondition waits for a ScaledObject condition to have the given status (within 90 s).
-func waitCondition(t testing.TB, ns, name, condition, status string) {
-	t.Helper()
-	waitConditionMessage(t, ns, name, condition, status, "", 90*time.Second)
-}
-
-// waitConditionMessage waits for a ScaledObject condition with the given status whose message
-// contains want, and returns the message.
-func waitConditionMessage(t testing.TB, ns, name, condition, status, want string, timeout time.Duration) string {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		u, err := kube.Dynamic.Resource(scaledObjectGVR).Namespace(ns).Get(context.Background(), name, metav1.GetOptions{})
-		if err == nil {
-			if c := cluster.FindCondition(u, condition); c != nil && c["status"] == status {
-				if msg, _ := c["message"].(string); strings.Contains(msg, want) {
-					return msg
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ScaledObject %s/%s: no %s=%s mentioning %q within %s\n%s", ns, name, condition, status, want, timeout, describe(ns, scaledObjectGVR, name))
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	harness.WaitCondition(t, ns, fb.GetName(), "Fallback", "False")
+	t.Logf("with fallback: %v; without: %v", withFallback.Changes(), without.Changes())
+	harness.WriteResult(t, b.Name+"_outage", map[string]any{"fallback_applied_s": applied.Seconds()})
 }

@@ -2,55 +2,17 @@ package e2e
 
 import (
 	"fmt"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
+	"github.com/celery-keda-scaler/e2e/keda/harness"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
-
-// sqsSuite is the moto server scripts/test.sh starts (CKS_SQS_ENDPOINT), the Celery broker URL
-// that reaches it with moto's test keys, and a queue-name prefix of the test's own, so that no two
-// tests share an SQS queue.
-type sqsSuite struct {
-	endpoint, broker, prefix string
-}
-
-// newSQSSuite is the suite's moto (endpoint "") or a moto server of the test's own.
-func newSQSSuite(t testing.TB, endpoint string) sqsSuite {
-	t.Helper()
-	if endpoint == "" {
-		endpoint = os.Getenv("CKS_SQS_ENDPOINT")
-	}
-	if endpoint == "" {
-		t.Fatal("CKS_SQS_ENDPOINT must be set (scripts/test.sh starts moto and sets it)")
-	}
-	endpoint = strings.TrimRight(endpoint, "/")
-	return sqsSuite{
-		endpoint: endpoint,
-		broker:   "sqs://testing:testing@" + strings.TrimPrefix(endpoint, "http://"),
-		prefix:   fmt.Sprintf("e2e-%d-", time.Now().UnixNano()),
-	}
-}
-
-// env is what cks_app needs to use the suite's prefix (publisher and workers).
-func (s sqsSuite) env() string { return "CKS_QUEUE_NAME_PREFIX=" + s.prefix }
-
-// queueURL is the SQS queue URL of a Celery queue, as moto names it (kombu replaces `.` by `-`).
-func (s sqsSuite) queueURL(celeryQueue string) string {
-	return s.endpoint + "/123456789012/" + s.prefix + strings.ReplaceAll(celeryQueue, ".", "-")
-}
-
-// probeArgs are the trigger keys besides brokerUrl and queues for `probe`.
-func (s sqsSuite) probeArgs() []string {
-	return []string{"queueNamePrefix=" + s.prefix, "awsRegion=us-east-1"}
-}
 
 // builtinSQS is a copy of the example's Deployment scaled by KEDA's own `aws-sqs-queue` scaler on
 // the same SQS queue, as a user would set it: the queue URL, the region, the endpoint (moto), and
 // the keys through a TriggerAuthentication. Its defaults are kept (scaleOnInFlight true).
-func builtinSQS(t testing.TB, s sqsSuite, deployment *unstructured.Unstructured, celeryQueue string, value int, cooldown, polling int64) (objs []*unstructured.Unstructured, dep, so *unstructured.Unstructured) {
+func builtinSQS(t testing.TB, s harness.SQS, deployment *unstructured.Unstructured, celeryQueue string, value int, cooldown, polling int64) (objs []*unstructured.Unstructured, dep, so *unstructured.Unstructured) {
 	t.Helper()
 	keys := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "v1", "kind": "Secret",
@@ -65,10 +27,10 @@ func builtinSQS(t testing.TB, s sqsSuite, deployment *unstructured.Unstructured,
 			map[string]any{"parameter": "awsSecretAccessKey", "name": "builtin-sqs-keys", "key": "AWS_SECRET_ACCESS_KEY"},
 		}},
 	}}
-	dep = copyDeployment(t, deployment, "builtin-sqs-worker")
-	so = newScaledObject(dep.GetName(), dep.GetName(), "aws-sqs-queue", polling, cooldown, map[string]any{
-		"queueURL": s.queueURL(celeryQueue), "queueLength": fmt.Sprint(value),
-		"awsRegion": "us-east-1", "awsEndpoint": s.endpoint,
+	dep = harness.CopyDeployment(t, deployment, "builtin-sqs-worker")
+	so = harness.NewScaledObject(dep.GetName(), dep.GetName(), "aws-sqs-queue", polling, cooldown, map[string]any{
+		"queueURL": s.QueueURL(celeryQueue), "queueLength": fmt.Sprint(value),
+		"awsRegion": "us-east-1", "awsEndpoint": s.Endpoint,
 	})
 	trigger := so.Object["spec"].(map[string]any)["triggers"].([]any)[0].(map[string]any)
 	trigger["authenticationRef"] = map[string]any{"name": auth.GetName()}
@@ -80,34 +42,34 @@ func builtinSQS(t testing.TB, s sqsSuite, deployment *unstructured.Unstructured,
 // invisible = 47 -> exactly ceil(47/5) = 10 replicas. KEDA's `aws-sqs-queue` scaler, beside it on
 // the same queue, counts invisible messages by default too (scaleOnInFlight): recorded.
 func TestSQSHPAScalesWithInFlightTasks(t *testing.T) {
-	ns := namespace(t, nsName(t, ""))
-	b := newExampleBroker(t, "sqs", ns)
-	s := b.sqs
-	pub := b.publisher(t)
-	secret, deployment, so := b.workerExample(t)
-	setTrigger(t, so, "queueLength", "5")
-	set(t, so, int64(5), "spec", "pollingInterval")
+	t.Parallel()
+	ns := harness.Namespace(t, harness.NSName(t, ""))
+	b := harness.NewExampleBroker(t, "sqs", ns)
+	s := b.SQS
+	pub := b.Publisher(t)
+	secret, deployment, so := b.WorkerExample(t)
+	harness.SetTrigger(t, so, "queueLength", "5")
+	harness.Set(t, so, int64(5), "spec", "pollingInterval")
 	extra, bDep, bSO := builtinSQS(t, s, deployment, "celery", 5, 300, 5)
-	pub.publish(t, "celery", 47, 120) // creates the queue; nothing finishes during the test
-	startWorkerEnv(t, s.broker, []string{"celery"}, 2, s.env(), "CKS_ACKS_LATE=1", "CKS_PREFETCH=4",
-		"CKS_MARKER_REDIS="+e2eBroker())
-	apply(t, ns, append(extra, secret, deployment, so, bDep, bSO)...)
-	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
-	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
-	ours, builtin := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, bDep.GetName())
-	if _, ok := ours.waitFor(10, 120*time.Second); !ok {
-		t.Fatalf("47 tasks (some received by the worker): replicas %d, want 10; %v\n%s", ours.current().Replicas, ours.changes(), describe(ns, scaledObjectGVR, so.GetName()))
+	pub.Publish(t, "celery", 47, 120) // creates the queue; nothing finishes during the test
+	harness.StartWorkerEnv(t, s.Broker, []string{"celery"}, 2, s.Env(), "CKS_ACKS_LATE=1", "CKS_PREFETCH=4")
+	harness.Apply(t, ns, append(extra, secret, deployment, so, bDep, bSO)...)
+	harness.WaitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	harness.WaitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
+	ours, builtin := harness.WatchReplicas(t, ns, deployment.GetName()), harness.WatchReplicas(t, ns, bDep.GetName())
+	if _, ok := ours.WaitFor(10, 120*time.Second); !ok {
+		t.Fatalf("47 tasks (some received by the worker): replicas %d, want 10; %v\n%s", ours.Current().Replicas, ours.Changes(), harness.Describe(ns, harness.ScaledObjectGVR, so.GetName()))
 	}
-	if _, ok := builtin.waitFor(10, 120*time.Second); !ok {
-		t.Fatalf("KEDA's aws-sqs-queue scaler (scaleOnInFlight true by default): replicas %d, want 10; %v\n%s", builtin.current().Replicas, builtin.changes(), describe(ns, scaledObjectGVR, bSO.GetName()))
+	if _, ok := builtin.WaitFor(10, 120*time.Second); !ok {
+		t.Fatalf("KEDA's aws-sqs-queue scaler (scaleOnInFlight true by default): replicas %d, want 10; %v\n%s", builtin.Current().Replicas, builtin.Changes(), harness.Describe(ns, harness.ScaledObjectGVR, bSO.GetName()))
 	}
 	// The worker holds some of them invisible: what both counted includes in-flight messages.
-	inFlight, err := probeDepth(s.broker, "celery", append(s.probeArgs(), "scaleOnInFlight=false")...)
+	inFlight, err := harness.ProbeDepth(s.Broker, "celery", append(s.ProbeArgs(), "scaleOnInFlight=false")...)
 	if err != nil || inFlight >= 47 {
 		t.Fatalf("visible messages %d (err %v): the worker was expected to hold some in flight", inFlight, err)
 	}
-	t.Logf("47 tasks, %d visible: ours %v; KEDA's aws-sqs-queue scaler %v", inFlight, ours.changes(), builtin.changes())
-	writeResult(t, "sqs_hpa_in_flight", map[string]any{"ours_replicas": 10, "builtin_sqs_replicas": builtin.current().Replicas, "visible": inFlight})
+	t.Logf("47 tasks, %d visible: ours %v; KEDA's aws-sqs-queue scaler %v", inFlight, ours.Changes(), builtin.Changes())
+	harness.WriteResult(t, "sqs_hpa_in_flight", map[string]any{"ours_replicas": 10, "builtin_sqs_replicas": builtin.Current().Replicas, "visible": inFlight})
 }
 
 // TestSQSNeverToZeroUnderAcksLateTasks: the README's SQS recipe (`acks_late`): two 45 s tasks run,
@@ -115,40 +77,42 @@ func TestSQSHPAScalesWithInFlightTasks(t *testing.T) {
 // replica through 4.5 cooldownPeriods and reaches 0 only after they end. KEDA's `aws-sqs-queue`
 // scaler with its defaults (scaleOnInFlight true) reads the same messages: recorded beside it.
 func TestSQSNeverToZeroUnderAcksLateTasks(t *testing.T) {
+	t.Parallel()
 	const cooldown, polling, taskSeconds = 10, 5, 45
-	ns := namespace(t, nsName(t, ""))
-	b := newExampleBroker(t, "sqs", ns)
-	s := b.sqs
-	pub := b.publisher(t)
-	secret, deployment, so := b.workerExample(t)
-	set(t, so, int64(cooldown), "spec", "cooldownPeriod")
-	set(t, so, int64(polling), "spec", "pollingInterval")
+	ns := harness.Namespace(t, harness.NSName(t, ""))
+	b := harness.NewExampleBroker(t, "sqs", ns)
+	s := b.SQS
+	pub := b.Publisher(t)
+	secret, deployment, so := b.WorkerExample(t)
+	harness.Set(t, so, int64(cooldown), "spec", "cooldownPeriod")
+	harness.Set(t, so, int64(polling), "spec", "pollingInterval")
 	extra, bDep, bSO := builtinSQS(t, s, deployment, "celery", 10, cooldown, polling)
 	marker := fmt.Sprintf("cks-e2e-started-%d", time.Now().UnixNano())
-	pub.do(t, map[string]any{"op": "publish", "queue": "celery", "count": 2, "seconds": taskSeconds, "marker": marker})
-	apply(t, ns, append(extra, secret, deployment, so, bDep, bSO)...)
-	waitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
-	waitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
-	ours, builtin := watchReplicas(t, ns, deployment.GetName()), watchReplicas(t, ns, bDep.GetName())
-	for name, rw := range map[string]*replicaWatch{"ours": ours, "KEDA's aws-sqs-queue scaler": builtin} {
-		if _, ok := rw.waitFor(1, 30*time.Second); !ok {
-			t.Fatalf("%s: two tasks queued, replicas %d, want 1", name, rw.current().Replicas)
+	pub.Do(t, map[string]any{"op": "publish", "queue": "celery", "count": 2, "seconds": taskSeconds, "marker": marker})
+	harness.Apply(t, ns, append(extra, secret, deployment, so, bDep, bSO)...)
+	harness.WaitScaledObjectReady(t, ns, so.GetName(), 60*time.Second)
+	harness.WaitScaledObjectReady(t, ns, bSO.GetName(), 60*time.Second)
+	ours, builtin := harness.WatchReplicas(t, ns, deployment.GetName()), harness.WatchReplicas(t, ns, bDep.GetName())
+	for name, rw := range map[string]*harness.ReplicaWatch{"ours": ours, "KEDA's aws-sqs-queue scaler": builtin} {
+		if _, ok := rw.WaitFor(1, 30*time.Second); !ok {
+			t.Fatalf("%s: two tasks queued, replicas %d, want 1", name, rw.Current().Replicas)
 		}
 	}
-	markers := newPublisher(t, e2eBroker())
-	startWorkerEnv(t, s.broker, []string{"celery"}, 2, s.env(), "CKS_ACKS_LATE=1",
-		"CKS_MARKER_REDIS="+e2eBroker())
-	waitStarted(t, markers, marker, 2)
+	markerDB := harness.LeaseRedisDB(t).URL
+	markers := harness.NewPublisher(t, markerDB)
+	harness.StartWorkerEnv(t, s.Broker, []string{"celery"}, 2, s.Env(), "CKS_ACKS_LATE=1",
+		"CKS_MARKER_REDIS="+markerDB)
+	markers.WaitStarted(t, marker, 2)
 	started := time.Now()
-	if visible, err := probeDepth(s.broker, "celery", append(s.probeArgs(), "scaleOnInFlight=false")...); err != nil || visible != 0 {
+	if visible, err := harness.ProbeDepth(s.Broker, "celery", append(s.ProbeArgs(), "scaleOnInFlight=false")...); err != nil || visible != 0 {
 		t.Fatalf("both tasks run: visible messages %d (err %v), want 0", visible, err)
 	}
-	ended := waitDepthZeroQueues(t, s.broker, "celery", s.probeArgs()...)
+	ended := harness.WaitDepthZeroQueues(t, s.Broker, "celery", s.ProbeArgs()...)
 	if ended.Before(started.Add((taskSeconds - 2) * time.Second)) {
 		t.Fatalf("the scaler read 0 at %s, before the tasks could finish", ended.Format("15:04:05"))
 	}
-	exposure := func(rw *replicaWatch) float64 {
-		for _, c := range rw.changes() {
+	exposure := func(rw *harness.ReplicaWatch) float64 {
+		for _, c := range rw.Changes() {
 			if c.Replicas == 0 && c.At.After(started) && c.At.Before(ended) {
 				return ended.Sub(c.At).Seconds()
 			}
@@ -156,13 +120,13 @@ func TestSQSNeverToZeroUnderAcksLateTasks(t *testing.T) {
 		return 0
 	}
 	if e := exposure(ours); e != 0 {
-		t.Fatalf("ours went to 0 %.1f s before the tasks ended: %v", e, ours.changes())
+		t.Fatalf("ours went to 0 %.1f s before the tasks ended: %v", e, ours.Changes())
 	}
-	if _, ok := ours.waitFor(0, time.Duration(cooldown+3*polling+30)*time.Second); !ok {
-		t.Fatalf("tasks done, replicas still %d", ours.current().Replicas)
+	if _, ok := ours.WaitFor(0, time.Duration(cooldown+3*polling+30)*time.Second); !ok {
+		t.Fatalf("tasks done, replicas still %d", ours.Current().Replicas)
 	}
 	builtinExposed := exposure(builtin)
 	t.Logf("tasks ran %s -> %s; ours %v; KEDA's aws-sqs-queue scaler %v, scaled in under running tasks for %.1f s",
-		started.Format("15:04:05"), ended.Format("15:04:05"), ours.changes(), builtin.changes(), builtinExposed)
-	writeResult(t, "sqs_acks_late_running_tasks", map[string]any{"ours_exposed_s": 0, "builtin_sqs_exposed_s": builtinExposed})
+		started.Format("15:04:05"), ended.Format("15:04:05"), ours.Changes(), builtin.Changes(), builtinExposed)
+	harness.WriteResult(t, "sqs_acks_late_running_tasks", map[string]any{"ours_exposed_s": 0, "builtin_sqs_exposed_s": builtinExposed})
 }

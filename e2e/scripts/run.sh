@@ -12,7 +12,17 @@
 # CKS_E2E_KEEP=1 (print where the logs are even on success), CKS_SCALER_BIN (a scaler already built)
 # or CKS_SCALER_PROFILE (debug or release),
 # CKS_E2E_PUSH_TRIALS (default 10), CKS_E2E_PARALLEL (scenarios at once, default 8),
+# CKS_E2E_REDIS_DBS (the Redis databases the scenarios lease, one each, exclusively: numbers and
+# ranges such as 1-15, the default, or 3,5-7; database 0 belongs to the Rust suites; a lease is a
+# flock'ed file /tmp/cks-e2e-redis-<host>-<port>-db<N>.lock, so two runs on one machine share no
+# database, and a scenario waits while every database is leased),
 # CKS_E2E_RESULTS (JSON lines with the measured figures; default <workdir>/results.jsonl).
+#
+# Scenarios run in parallel (t.Parallel), each in namespaces, a Redis database, a RabbitMQ vhost
+# and an SQS queue prefix of its own; TestBrokerOutage (it stops brokers) and TestPushNeverLost (it
+# asserts latencies) run first, alone. Its rabbitmq subtest
+# stops the shared RabbitMQ node: when anything else uses that node, run it apart, as
+# scripts/test.sh does (`-skip TestBrokerOutage/rabbitmq`, then `-run TestBrokerOutage/rabbitmq`).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -56,7 +66,13 @@ log "scaler: $CKS_SCALER_BIN"
 log "gofmt and go vet (e2e)"
 unformatted="$(gofmt -l e2e)"
 [ -z "$unformatted" ] || die "gofmt -l e2e lists files to format: $unformatted"
-(cd e2e/keda && go vet ./...)
+# Every e2e module with Go code (the others only pin tools and data).
+for mod in e2e/*/go.mod; do
+    dir="$(dirname "$mod")"
+    if [ -n "$(find "$dir" -name '*.go' -print -quit)" ]; then
+        (cd "$dir" && go vet ./...)
+    fi
+done
 
 log "go test (e2e/keda), prepared in $((SECONDS - START))s"
 cd e2e/keda

@@ -73,8 +73,8 @@ func (c *Cluster) apply(ctx context.Context, ns string, o *unstructured.Unstruct
 	gvk := o.GroupVersionKind()
 	mapping, err := c.mapper().RESTMapping(gvk.GroupKind(), gvk.Version)
 	if err != nil {
-		// A CRD applied a moment ago is not in the cached discovery yet.
-		c.restMapper = nil
+		// A CRD applied a moment ago is not in the cached discovery yet: discover again.
+		c.mapper().Reset()
 		if mapping, err = c.mapper().RESTMapping(gvk.GroupKind(), gvk.Version); err != nil {
 			return nil, fmt.Errorf("%s %s: %w", gvk, o.GetName(), err)
 		}
@@ -102,7 +102,11 @@ func (c *Cluster) apply(ctx context.Context, ns string, o *unstructured.Unstruct
 	return c.Dynamic.Resource(mapping.Resource).Patch(ctx, o.GetName(), types.ApplyPatchType, body, opts)
 }
 
-func (c *Cluster) mapper() meta.RESTMapper {
+// mapper is the cluster's REST mapper over a cached discovery; it is safe for concurrent use (the
+// deferred mapper and the memory cache lock themselves), and created once.
+func (c *Cluster) mapper() meta.ResettableRESTMapper {
+	c.mapperMu.Lock()
+	defer c.mapperMu.Unlock()
 	if c.restMapper == nil {
 		c.restMapper = restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(c.Client.Discovery()))
 	}

@@ -95,6 +95,61 @@ func (l *Leaf) Write(dir, certName, keyName string) error {
 	return os.WriteFile(filepath.Join(dir, keyName), l.KeyPEM, 0o600)
 }
 
+func (c *Cluster) writeCerts() error {
+	ca, err := NewCA("cks-e2e-ca")
+	if err != nil {
+		return err
+	}
+	c.CA = ca
+	front, err := NewCA("cks-e2e-front-proxy-ca")
+	if err != nil {
+		return err
+	}
+	pki := c.path("pki")
+	if err := os.WriteFile(filepath.Join(pki, "ca.crt"), ca.CertPEM, 0o600); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(pki, "front-proxy-ca.crt"), front.CertPEM, 0o600); err != nil {
+		return err
+	}
+	type leaf struct {
+		ca         *CA
+		cn         string
+		orgs       []string
+		names      []string
+		dir        string
+		cert, key  string
+		alsoCACopy bool
+	}
+	leaves := []leaf{
+		{ca, "kube-apiserver", nil, []string{"127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"}, pki, "apiserver.crt", "apiserver.key", false},
+		// Member of system:masters: needs no RBAC objects.
+		{ca, "cks-e2e-admin", []string{"system:masters"}, nil, pki, "admin.crt", "admin.key", false},
+		{front, "front-proxy-client", nil, nil, pki, "front-proxy-client.crt", "front-proxy-client.key", false},
+		// KEDA's operator (gRPC server) and metrics apiserver (its client, and the aggregated
+		// API's serving certificate) trust ca.crt of their cert dir and present tls.crt.
+		{ca, "keda-operator", nil, []string{"127.0.0.1", "localhost"}, c.path("keda-certs"), "tls.crt", "tls.key", true},
+		// The aggregator verifies the name <service>.<namespace>.svc, whatever address it dials.
+		{ca, "keda-metrics-apiserver", nil, []string{"127.0.0.1", "localhost", "keda-metrics-apiserver." + c.KedaNamespace + ".svc"}, c.path("adapter-certs"), "tls.crt", "tls.key", true},
+	}
+	for _, l := range leaves {
+		cert, err := l.ca.Issue(l.cn, l.orgs, l.names...)
+		if err != nil {
+			return err
+		}
+		if err := cert.Write(l.dir, l.cert, l.key); err != nil {
+			return err
+		}
+		if l.alsoCACopy {
+			if err := os.WriteFile(filepath.Join(l.dir, "ca.crt"), ca.CertPEM, 0o600); err != nil {
+				return err
+			}
+		}
+	}
+	_, _, err = serviceAccountKey(pki)
+	return err
+}
+
 // serviceAccountKey writes the key pair the apiserver signs and verifies service-account tokens with.
 func serviceAccountKey(dir string) (pub, priv string, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
