@@ -406,7 +406,7 @@ async fn depth_is_published_minus_finished_with_early_ack() {
     let vhost = Vhost::create().await;
     let url = vhost.url();
     // Killed: the 2 early-acked running tasks are lost, the 2 reserved return to the queue.
-    depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", false, 8).await;
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", false, 8, 8).await;
     vhost.delete().await;
 }
 
@@ -415,6 +415,6 @@ async fn depth_is_published_minus_finished_with_acks_late() {
     let vhost = Vhost::create().await;
     let url = vhost.url();
     // Killed: the 2 unacknowledged running tasks return to the queue.
-    depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", true, 10).await;
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", true, 10, 10).await;
     vhost.delete().await;
 }

@@ -462,7 +462,7 @@ async fn depth_is_published_minus_finished_with_early_ack() {
     let url = redis_url();
     let q = unique("pmf-early");
     // Killed: the 2 early-acked running tasks are lost, the 2 reserved stay in `unacked`.
-    depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, false, 8).await;
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, false, 8, 6).await;
     cleanup_redis(&url, "", &[&q]).await;
 }
 
@@ -471,7 +471,7 @@ async fn depth_is_published_minus_finished_with_acks_late() {
     let url = redis_url();
     let q = unique("pmf-late");
     // Killed: the 2 running tasks were never acknowledged and stay in `unacked`.
-    depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, true, 10).await;
+    depth_is_published_minus_finished(&url, CeleryConf::new(&url), &q, true, 10, 8).await;
     cleanup_redis(&url, "", &[&q]).await;
 }
 
