@@ -105,6 +105,25 @@ impl Error {
         }
     }
 
+    /// Whether the same reading cannot succeed until the trigger's metadata (or the broker's
+    /// account) changes: a tenancy refusal, bad metadata, rejected credentials or permissions.
+    /// A push stream whose reading fails this way ends with the error instead of polling: KEDA
+    /// reopens it (with new metadata, if any) after its backoff of 2 s doubling to 1 min.
+    /// Outages, timeouts, missing queues (a worker may declare them) and unexpected replies
+    /// are not permanent.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::InvalidMetadata { .. }
+            | Error::Refused { .. }
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_) => true,
+            Error::NotFound(_)
+            | Error::Unavailable(_)
+            | Error::DeadlineExceeded(_)
+            | Error::Internal(_) => false,
+        }
+    }
+
     /// The gRPC code this error is returned with.
     pub fn code(&self) -> Code {
         match self {
@@ -184,5 +203,24 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
         }
+    }
+
+    #[test]
+    fn only_errors_that_need_new_metadata_or_rights_are_permanent() {
+        let refused = Error::refused(Refusal::Host, "x");
+        let permanent = [
+            Error::invalid("queues", "x"),
+            refused,
+            Error::Unauthenticated("x".into()),
+            Error::PermissionDenied("x".into()),
+        ];
+        assert!(permanent.iter().all(Error::is_permanent));
+        let transient = [
+            Error::NotFound("q".into()),
+            Error::Unavailable("x".into()),
+            Error::DeadlineExceeded("x".into()),
+            Error::Internal("x".into()),
+        ];
+        assert!(!transient.iter().any(Error::is_permanent));
     }
 }

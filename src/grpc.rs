@@ -52,12 +52,16 @@ impl Service {
             .map_err(Status::from)
     }
 
+    /// The depth of `trigger`'s queues, handed to the push streams watching them too.
     async fn depth(&self, trigger: &Trigger) -> Result<u64, Status> {
-        self.core
+        let depth = self
+            .core
             .read(&trigger.query)
             .await
             .map(|d| d.total())
-            .map_err(Status::from)
+            .map_err(Status::from)?;
+        self.hub.offer(&trigger.query, depth);
+        Ok(depth)
     }
 
     fn record<T>(&self, method: &'static str, started: Instant, result: &Result<T, Status>) {
@@ -127,7 +131,9 @@ impl ExternalScaler for Service {
         let trigger = self.admit(request.get_ref()).await;
         self.record("StreamIsActive", started, &trigger);
         let trigger = trigger?;
-        let mut readings = self.hub.watch(&trigger.query);
+        let mut readings = self
+            .hub
+            .watch(&trigger.query, trigger.activation_queue_length);
         let (tx, rx) = mpsc::channel(1);
         let shutdown = self.shutdown.clone();
         let metrics = self.core.metrics().clone();
@@ -139,7 +145,14 @@ impl ExternalScaler for Service {
             loop {
                 // The current reading first (a shared poll may already have one), then changes.
                 let reading = readings.borrow_and_update().clone();
-                if let Some(Ok(depth)) = reading {
+                if let Some(Err(e)) = reading {
+                    // Refused, bad metadata, rejected credentials: the poll has stopped, and the
+                    // stream ends with the error (KEDA logs it and reopens after its backoff).
+                    if e.is_permanent() {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        break;
+                    }
+                } else if let Some(Ok(depth)) = reading {
                     let active = trigger.is_active(depth);
                     if active && !was_active {
                         if tx
@@ -158,7 +171,8 @@ impl ExternalScaler for Service {
                     }
                     was_active = active;
                 }
-                // A failed reading changes nothing: the stream stays open and pushes nothing.
+                // Any other failed reading changes nothing: the stream stays open and pushes
+                // nothing.
                 tokio::select! {
                     changed = readings.changed() => if changed.is_err() { break },
                     _ = tx.closed() => break,

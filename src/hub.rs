@@ -1,11 +1,23 @@
 //! Shared polls for `StreamIsActive`: one background poll per distinct depth query, whatever the
 //! number of streams watching it. The poll stops when its last watcher leaves.
+//!
+//! Only the step idle -> active needs speed: KEDA ignores a pushed `false` and polls `GetMetrics`
+//! and `IsActive` itself while a target is active. So a poll reads at the fast interval only
+//! while at least one of its streams is inactive (its depth is at most that stream's
+//! `activationQueueLength`), and then with the backend's cheap look first (on Redis one `EXISTS`
+//! over the set's lists); while every stream is active it reads at the slow `active` interval,
+//! and every reading an RPC makes for the same query (KEDA's own polls) is handed to the poll's
+//! streams, so the poll learns the set went idle as soon as KEDA does. A reading that fails
+//! permanently ([`Error::is_permanent`]: refused, bad metadata, rejected credentials) ends the
+//! poll: its streams end with that error, and nothing polls for them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Backend, DepthQuery};
@@ -15,13 +27,46 @@ use crate::scaler::Core;
 /// The latest reading of a shared poll: `None` until the first one completes.
 pub type Reading = Option<Result<u64, Error>>;
 
-/// How often shared polls read, per broker kind.
+/// Most sources (Redis lists, queues) one poll looks at per fast interval: a set with more is
+/// polled proportionally less often, so one trigger (256 queues x 256 priority steps is 65,536
+/// Redis lists) costs the broker at most this many key lookups per interval, in one command.
+pub const MAX_SOURCES_PER_TICK: usize = 1024;
+
+/// How often shared polls read.
 #[derive(Clone, Copy, Debug)]
 pub struct PollIntervals {
-    /// Redis and RabbitMQ: cheap reads, so a short interval for fast activation.
+    /// Redis and RabbitMQ, while a stream is inactive: a short interval for fast activation.
     pub default: Duration,
-    /// SQS: every `GetQueueAttributes` is a billed request.
+    /// SQS, while a stream is inactive: every `GetQueueAttributes` is a billed request.
     pub sqs: Duration,
+    /// Every broker, while every stream of the poll is active: KEDA polls the set itself then
+    /// (and its readings reach the poll), so this read is only a safety net.
+    pub active: Duration,
+}
+
+/// One shared poll.
+struct Poll {
+    sender: watch::Sender<Reading>,
+    /// The highest `activationQueueLength` of the streams that joined, as `f64` bits (thresholds
+    /// are >= 0, where bit order is numeric order). Never lowered while the poll runs: a stream
+    /// that left can keep the poll fast for longer, never slow it down.
+    threshold: AtomicU64,
+    /// Woken when an RPC hands the poll a reading, so it can switch to the fast interval.
+    offered: Notify,
+}
+
+impl Poll {
+    /// Whether every stream is active at the latest reading (a failed or missing reading is
+    /// not active: polled fast, as before the slice of idle sets began).
+    fn all_active(&self) -> bool {
+        let threshold = f64::from_bits(self.threshold.load(Ordering::Relaxed));
+        matches!(*self.sender.borrow(), Some(Ok(depth)) if depth as f64 > threshold)
+    }
+
+    /// Whether the latest reading found nothing (or there is none yet): the cheap look suffices.
+    fn idle(&self) -> bool {
+        matches!(*self.sender.borrow(), None | Some(Ok(0)))
+    }
 }
 
 /// Runs and shares the polls.
@@ -29,7 +74,7 @@ pub struct Hub {
     core: Arc<Core>,
     intervals: PollIntervals,
     shutdown: CancellationToken,
-    polls: Mutex<HashMap<DepthQuery, Arc<watch::Sender<Reading>>>>,
+    polls: Mutex<HashMap<DepthQuery, Arc<Poll>>>,
 }
 
 impl Hub {
@@ -47,20 +92,48 @@ impl Hub {
         })
     }
 
-    /// Watches `query`: joins its running poll, or starts one that reads at once.
-    pub fn watch(self: &Arc<Self>, query: &DepthQuery) -> watch::Receiver<Reading> {
+    /// Watches `query` for a stream active above `threshold`: joins its running poll, or starts
+    /// one that reads at once.
+    pub fn watch(self: &Arc<Self>, query: &DepthQuery, threshold: f64) -> watch::Receiver<Reading> {
+        let bits = threshold.max(0.0).to_bits();
         let mut polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = polls.get(query) {
-            return sender.subscribe();
+        if let Some(poll) = polls.get(query) {
+            poll.threshold.fetch_max(bits, Ordering::Relaxed);
+            return poll.sender.subscribe();
         }
         let (sender, receiver) = watch::channel(None);
-        let sender = Arc::new(sender);
-        polls.insert(query.clone(), sender.clone());
+        let poll = Arc::new(Poll {
+            sender,
+            threshold: AtomicU64::new(bits),
+            offered: Notify::new(),
+        });
+        polls.insert(query.clone(), poll.clone());
         self.core.metrics().polls().inc();
         let hub = self.clone();
         let query = query.clone();
-        tokio::spawn(async move { hub.poll(query, sender).await });
+        tokio::spawn(async move { hub.poll(query, poll).await });
         receiver
+    }
+
+    /// Hands a depth an RPC just read for `query` (KEDA's `GetMetrics` / `IsActive`) to its
+    /// poll's streams, if a poll runs: the streams see transitions at KEDA's own readings, and a
+    /// poll of an active set learns at once that the set went idle.
+    pub fn offer(&self, query: &DepthQuery, depth: u64) {
+        let polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(poll) = polls.get(query) else {
+            return;
+        };
+        let changed = poll.sender.send_if_modified(|latest| {
+            let new = Some(Ok(depth));
+            if *latest == new {
+                return false;
+            }
+            *latest = new;
+            true
+        });
+        if changed {
+            poll.offered.notify_one();
+        }
     }
 
     /// Number of running polls.
@@ -68,35 +141,61 @@ impl Hub {
         self.polls.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    async fn poll(self: Arc<Self>, query: DepthQuery, sender: Arc<watch::Sender<Reading>>) {
-        let interval = match query.backend {
+    async fn poll(self: Arc<Self>, query: DepthQuery, poll: Arc<Poll>) {
+        let base = match query.backend {
             Backend::Sqs { .. } => self.intervals.sqs,
             Backend::Redis { .. } | Backend::RabbitMq { .. } => self.intervals.default,
         };
-        loop {
+        let ticks = query.sources().div_ceil(MAX_SOURCES_PER_TICK).max(1);
+        let idle_interval = base.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
+        let active_interval = self.intervals.active.max(idle_interval);
+        'poll: loop {
+            let read = async {
+                if poll.idle() {
+                    self.core.read_if_any(&query).await
+                } else {
+                    self.core.read_fresh(&query).await
+                }
+            };
             let reading = tokio::select! {
-                r = self.core.read_fresh(&query) => r.map(|d| d.total()),
-                _ = sender.closed() => Err(Error::Internal(String::new())),
+                r = read => r.map(|d| d.total()),
+                _ = poll.sender.closed() => Err(Error::Internal(String::new())),
                 _ = self.shutdown.cancelled() => break,
             };
-            if sender.receiver_count() > 0 {
-                sender.send_replace(Some(reading));
+            let permanent = matches!(&reading, Err(e) if e.is_permanent());
+            if poll.sender.receiver_count() > 0 {
+                poll.sender.send_replace(Some(reading));
             }
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = sender.closed() => {}
-                _ = self.shutdown.cancelled() => break,
+            if permanent {
+                // Nothing to poll for: the streams end with the error, and KEDA reopens them
+                // after its backoff (with new metadata, if the ScaledObject changed).
+                break;
+            }
+            let read_at = Instant::now();
+            loop {
+                let interval = if poll.all_active() {
+                    active_interval
+                } else {
+                    idle_interval
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(read_at + interval) => break,
+                    // An RPC's reading: the interval may have changed.
+                    _ = poll.offered.notified() => {}
+                    _ = poll.sender.closed() => break,
+                    _ = self.shutdown.cancelled() => break 'poll,
+                }
             }
             // Leave only under the lock, so a watcher joining right now either finds this poll
             // alive (and is counted) or finds it gone and starts a new one.
             let mut polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
-            if sender.receiver_count() == 0 {
+            if poll.sender.receiver_count() == 0 {
                 polls.remove(&query);
                 break;
             }
         }
         let mut polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
-        if polls.get(&query).is_some_and(|s| Arc::ptr_eq(s, &sender)) {
+        if polls.get(&query).is_some_and(|p| Arc::ptr_eq(p, &poll)) {
             polls.remove(&query);
         }
         self.core.metrics().polls().dec();

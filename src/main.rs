@@ -88,6 +88,10 @@ struct ServeArgs {
     /// How often a shared StreamIsActive poll reads SQS queues (each read is a billed request).
     #[arg(long, env = "CELERY_KEDA_SQS_STREAM_POLL_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     sqs_stream_poll_interval: Duration,
+    /// How often a shared StreamIsActive poll reads while every stream watching it is active
+    /// (KEDA polls the queues itself then, and its readings reach the streams).
+    #[arg(long, env = "CELERY_KEDA_STREAM_ACTIVE_POLL_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    stream_active_poll_interval: Duration,
     /// How long a successful reading answers identical GetMetrics/IsActive requests (0s: only
     /// requests arriving while a reading is under way share it).
     #[arg(long, env = "CELERY_KEDA_RESULT_WINDOW", value_parser = parse_window, default_value = "250ms")]
@@ -275,6 +279,7 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         census_window,
         stream_poll_interval: args.stream_poll_interval,
         sqs_stream_poll_interval: args.sqs_stream_poll_interval,
+        stream_active_poll_interval: args.stream_active_poll_interval,
         shutdown_grace: args.shutdown_grace,
         max_concurrent_streams: args.max_concurrent_streams,
         tls,

@@ -140,7 +140,7 @@ impl Core {
     /// broker does not answer within the deadline; never returns a depth for a failed reading.
     pub async fn read(&self, query: &DepthQuery) -> Result<Depth> {
         self.recent
-            .try_get_with_by_ref(query, self.read_broker(query))
+            .try_get_with_by_ref(query, self.read_broker(query, false))
             .await
             .map_err(|e| (*e).clone())
     }
@@ -150,6 +150,13 @@ impl Core {
     pub async fn read_fresh(&self, query: &DepthQuery) -> Result<Depth> {
         self.recent.invalidate(query).await;
         self.read(query).await
+    }
+
+    /// Reads the broker now, looking first as cheaply as the backend allows
+    /// ([`crate::broker::Broker::depth_if_any`]): the same depth as a full reading, for the
+    /// stream polls of idle sets. Bypasses the result window (and does not refresh it).
+    pub async fn read_if_any(&self, query: &DepthQuery) -> Result<Depth> {
+        self.read_broker(query, true).await
     }
 
     /// Stops the worker census loops, waiting for censuses under way (bounded by their
@@ -163,15 +170,22 @@ impl Core {
         self.censuses.loops()
     }
 
-    /// The broker's depth, plus (with `scaleOnRunning`) the acknowledged running tasks of the
-    /// latest worker census.
-    async fn depth_with_running(&self, query: &DepthQuery) -> Result<Depth> {
+    /// The broker's depth (after a cheap look that may find nothing, if `glance`), plus (with
+    /// `scaleOnRunning`) the acknowledged running tasks of the latest worker census.
+    async fn depth_with_running(&self, query: &DepthQuery, glance: bool) -> Result<Depth> {
+        let broker = async {
+            if glance {
+                let depth = self.registry.depth_if_any(query).await?;
+                Ok(depth.unwrap_or_else(|| Depth::zero(&query.queues)))
+            } else {
+                self.registry.depth(query).await
+            }
+        };
         if !query.running || !query.backend.has_remote_control() {
-            return self.registry.depth(query).await;
+            return broker.await;
         }
         let census = self.censuses.latest(&query.backend);
-        let (mut depth, census) =
-            futures::future::try_join(self.registry.depth(query), census).await?;
+        let (mut depth, census) = futures::future::try_join(broker, census).await?;
         if let Some(census) = census {
             // A task the broker could have routed to several of the query's queues is counted
             // once, under the first.
@@ -197,11 +211,11 @@ impl Core {
     }
 
     /// One reading from the broker, bounded by the deadline, recorded in the metrics.
-    async fn read_broker(&self, query: &DepthQuery) -> Result<Depth> {
+    async fn read_broker(&self, query: &DepthQuery, glance: bool) -> Result<Depth> {
         let kind = query.backend.kind();
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.deadline, self.depth_with_running(query)).await
-        {
+        let reading = self.depth_with_running(query, glance);
+        let result = match tokio::time::timeout(self.deadline, reading).await {
             Ok(r) => r,
             Err(_) => Err(Error::DeadlineExceeded(format!(
                 "{kind} broker {} did not answer within {:?}",

@@ -39,6 +39,9 @@ pub struct ServeSettings {
     pub stream_poll_interval: Duration,
     /// The same for SQS, where every read is a billed request.
     pub sqs_stream_poll_interval: Duration,
+    /// How often a shared stream poll reads while every stream watching it is active (KEDA
+    /// polls the queues itself then, and its readings reach the streams).
+    pub stream_active_poll_interval: Duration,
     /// How long in-flight RPCs may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
     /// HTTP/2 concurrent streams per connection: KEDA multiplexes every trigger on one.
@@ -65,6 +68,7 @@ impl Default for ServeSettings {
             census_window: Duration::from_secs(1),
             stream_poll_interval: Duration::from_millis(200),
             sqs_stream_poll_interval: Duration::from_secs(5),
+            stream_active_poll_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_streams: 16_384,
             tls: None,
@@ -131,6 +135,7 @@ pub async fn serve(
     let intervals = PollIntervals {
         default: settings.stream_poll_interval,
         sqs: settings.sqs_stream_poll_interval,
+        active: settings.stream_active_poll_interval,
     };
     let hub = Hub::new(core.clone(), intervals, token.clone());
     let service = Service::new(core.clone(), hub, token.clone());

@@ -108,3 +108,14 @@ pub struct DepthQuery {
     /// Count running tasks that were already acknowledged (from the worker census).
     pub running: bool,
 }
+
+impl DepthQuery {
+    /// How many sources one reading looks at: every priority list of every queue on Redis, one
+    /// queue each on RabbitMQ and SQS. What a poll of this query costs the broker per tick.
+    pub fn sources(&self) -> usize {
+        match &self.backend {
+            Backend::Redis { layout, .. } => self.queues.len() * layout.priority_steps.len().max(1),
+            Backend::RabbitMq { .. } | Backend::Sqs { .. } => self.queues.len(),
+        }
+    }
+}

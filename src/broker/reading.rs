@@ -1,5 +1,6 @@
 //! What a reading returns (`Depth`, per queue and per source) and the trait every backend
-//! implements: two methods, a depth reading and a worker census.
+//! implements: a depth reading, the same reading skipped when a cheap look finds nothing (what
+//! the idle push streams poll), and a worker census.
 
 use std::time::Duration;
 
@@ -58,6 +59,22 @@ pub struct Depth {
 }
 
 impl Depth {
+    /// Nothing ready and nothing in flight in any of `queues`.
+    pub fn zero(queues: &[String]) -> Self {
+        Depth {
+            queues: queues
+                .iter()
+                .map(|q| QueueDepth {
+                    queue: q.clone(),
+                    ready: Vec::new(),
+                    in_flight: 0,
+                    running_workers: Vec::new(),
+                })
+                .collect(),
+            unresolved: Vec::new(),
+        }
+    }
+
     /// The number reported to KEDA.
     pub fn total(&self) -> u64 {
         self.queues.iter().map(QueueDepth::total).sum()
@@ -79,6 +96,19 @@ pub trait Broker: Send + Sync + 'static {
         queues: &[String],
         in_flight: bool,
     ) -> Result<Depth>;
+
+    /// The same reading as [`Broker::depth`], but `Ok(None)` (nothing ready, nothing in flight)
+    /// when a cheaper look than the full reading shows the queues empty: what the push streams
+    /// poll while a set is idle. Backends without a cheaper look read the depth.
+    async fn depth_if_any(
+        &self,
+        layout: &Self::Layout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Option<Depth>> {
+        let depth = self.depth(layout, queues, in_flight).await?;
+        Ok((depth.total() > 0).then_some(depth))
+    }
 
     /// Asks the workers what they are running (Celery remote control), collecting replies for
     /// up to `window`. `None` when the broker has no worker remote control (SQS). No worker

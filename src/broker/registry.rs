@@ -80,6 +80,29 @@ impl Registry {
         }
     }
 
+    /// [`Registry::depth`], or `None` when the backend's cheap look finds the queues empty
+    /// ([`Broker::depth_if_any`]).
+    pub async fn depth_if_any(&self, query: &DepthQuery) -> Result<Option<Depth>> {
+        let (queues, in_flight) = (&query.queues, query.in_flight);
+        match &query.backend {
+            Backend::Redis { target, layout } => {
+                self.redis_client(target)?
+                    .depth_if_any(layout, queues, in_flight)
+                    .await
+            }
+            Backend::RabbitMq { target, layout } => {
+                self.rabbitmq_client(target)?
+                    .depth_if_any(layout, queues, in_flight)
+                    .await
+            }
+            Backend::Sqs { target, layout } => {
+                self.sqs_client(target)?
+                    .depth_if_any(layout, queues, in_flight)
+                    .await
+            }
+        }
+    }
+
     /// A worker census on `backend`'s broker, collecting replies for up to `window`.
     pub async fn census(&self, backend: &Backend, window: Duration) -> Result<Option<Census>> {
         match backend {

@@ -3,6 +3,7 @@
 //! pipelines run over it, and the binding tables read through it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -45,7 +46,17 @@ pub struct RedisBroker {
     pub(super) target: RedisTarget,
     source: Source,
     config: ConnectionManagerConfig,
+    /// The `unacked` hash routed to queues, per key layout, shared by the idle polls of every
+    /// set on this broker for [`UNACKED_SHARED_FOR`] (concurrent ones share one read): the hash
+    /// is one per database, so reading it once per set and tick would multiply its cost by the
+    /// number of sets.
+    pub(super) unacked: moka::future::Cache<RedisLayout, Arc<HashMap<String, u64>>>,
 }
+
+/// How long one read of the `unacked` hash answers the idle polls of every set on the broker:
+/// at most one `HVALS` per layout per 100 ms, whatever the number of sets. A message that moves
+/// into the hash is seen by an idle poll at most this much later than by a full reading.
+pub const UNACKED_SHARED_FOR: Duration = Duration::from_millis(100);
 
 impl RedisBroker {
     /// Builds the client without connecting: the first query connects.
@@ -120,6 +131,10 @@ impl RedisBroker {
             target,
             source,
             config,
+            unacked: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .time_to_live(UNACKED_SHARED_FOR)
+                .build(),
         })
     }
 

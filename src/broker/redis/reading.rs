@@ -1,7 +1,11 @@
 //! The Redis depth reading: every priority list of every queue and the `unacked` hash in one
-//! pipelined round trip, each unacked entry routed to its queue through the binding tables.
+//! pipelined round trip, each unacked entry routed to its queue through the binding tables. An
+//! idle poll looks first with one `EXISTS` over every list of the set (an empty Redis list does
+//! not exist) and the `unacked` hash as routed for every set of the broker in the last 100 ms,
+//! and reads the depth only when something is there.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +22,38 @@ impl Broker for RedisBroker {
 
     async fn census(&self, layout: &RedisLayout, window: Duration) -> Result<Option<Census>> {
         self.inspect_active(layout, window).await.map(Some)
+    }
+
+    async fn depth_if_any(
+        &self,
+        layout: &RedisLayout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Option<Depth>> {
+        // One command for the whole set, whatever its number of queues and priority steps.
+        let mut exists = redis::cmd("EXISTS");
+        let mut keys = 0;
+        for queue in queues {
+            for (_, key) in layout.ready_keys(queue) {
+                exists.arg(key);
+                keys += 1;
+            }
+        }
+        let mut something = false;
+        if keys > 0 {
+            let mut pipe = redis::pipe();
+            pipe.add_command(exists);
+            let (existing,): (u64,) = self.run(&pipe).await?;
+            something = existing > 0;
+        }
+        if !something && in_flight {
+            let counts = self.shared_unacked(layout).await?;
+            something = queues.iter().any(|q| counts.get(q).is_some_and(|&n| n > 0));
+        }
+        if !something {
+            return Ok(None);
+        }
+        self.depth(layout, queues, in_flight).await.map(Some)
     }
 
     async fn depth(
@@ -85,6 +121,26 @@ impl Broker for RedisBroker {
 }
 
 impl RedisBroker {
+    /// The `unacked` hash routed to queues under `layout`: read once (`HVALS`, then the binding
+    /// tables its entries name) for every idle poll on this broker within
+    /// [`super::connection::UNACKED_SHARED_FOR`].
+    async fn shared_unacked(&self, layout: &RedisLayout) -> Result<Arc<HashMap<String, u64>>> {
+        self.unacked
+            .try_get_with_by_ref(layout, async {
+                let mut pipe = redis::pipe();
+                pipe.hvals(layout.unacked_key());
+                let (values,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
+                let counts = if values.is_empty() {
+                    HashMap::new()
+                } else {
+                    self.count_unacked(layout, &values).await?
+                };
+                Ok::<_, Error>(Arc::new(counts))
+            })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
     /// Routes each unacked entry to its queue(s) through the exchanges' binding tables, as kombu
     /// does when it restores them, and counts entries per queue.
     async fn count_unacked(
