@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -526,4 +527,229 @@ async fn census_refuses_a_separator_the_workers_do_not_use() {
         ("scaleOnRunning", "false"),
     ]);
     assert_eq!(depth(&mut client, &off).await.unwrap(), 0);
+}
+
+// ------------------------------------------------------------- what push streams cost Redis
+
+/// The fast stream interval of `ServeSettings::default()`.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Waits (bounded) until `command` has been called at least `n` times on the server behind
+/// `conn` since its stats were reset; returns all counts then.
+async fn wait_calls(
+    conn: &redis::aio::MultiplexedConnection,
+    command: &str,
+    n: u64,
+) -> std::collections::HashMap<String, u64> {
+    wait_for(&format!("{n} x {command}"), SETTLE, || {
+        let mut conn = conn.clone();
+        async move {
+            let calls = command_calls(&mut conn).await;
+            (calls.get(command).copied().unwrap_or(0) >= n).then_some(calls)
+        }
+    })
+    .await
+}
+
+fn calls(counts: &std::collections::HashMap<String, u64>, command: &str) -> u64 {
+    counts.get(command).copied().unwrap_or(0)
+}
+
+/// An idle set is looked at with one `EXISTS` over all its lists per tick, never `LLEN`; a
+/// publish is pushed at once; the set, once active, is not polled (KEDA polls it); KEDA's own
+/// `IsActive` reading that finds it idle again makes the stream poll fast again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_costs_one_exists_per_tick_and_an_active_one_nothing() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("idle");
+    // Ten priority lists.
+    let steps = "0,1,2,3,4,5,6,7,8,9";
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("prioritySteps", steps),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    reset_command_calls(&mut conn).await;
+    let started = std::time::Instant::now();
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    let idle = wait_calls(&conn, "exists", 5).await;
+    let ticks = (started.elapsed().as_millis() / TICK.as_millis()) as u64 + 2;
+    assert_eq!(
+        calls(&idle, "llen"),
+        0,
+        "an idle set is not read list by list: {idle:?}"
+    );
+    assert!(
+        calls(&idle, "exists") <= ticks,
+        "one EXISTS per tick: {idle:?}"
+    );
+    // With one set on the broker, the shared `unacked` read is one per tick at most.
+    assert!(calls(&idle, "hvals") <= calls(&idle, "exists"), "{idle:?}");
+
+    let conf = CeleryConf::new(&url);
+    conf.publish(&q, &["--count", "2", "--priority", "5"]);
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a push after the publish")
+        .expect("stream open")
+        .expect("no error");
+    assert!(msg.result);
+
+    // Active: KEDA polls the set itself; the stream's poll waits for the active interval (30 s).
+    // Whatever reading was under way at the push has finished once the depth is counted.
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    reset_command_calls(&mut conn).await;
+    tokio::time::sleep(TICK * 8).await;
+    let active_calls = command_calls(&mut conn).await;
+    assert_eq!(
+        calls(&active_calls, "exists") + calls(&active_calls, "llen"),
+        0,
+        "an active set is not polled at the fast interval: {active_calls:?}"
+    );
+
+    // Drained; KEDA's IsActive finds it idle, and the stream's poll is fast again at once.
+    cleanup_redis(&url, "", &[&q]).await;
+    assert!(!active(&mut client, &m).await.unwrap());
+    reset_command_calls(&mut conn).await;
+    wait_for("fast again", Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move { (calls(&command_calls(&mut conn).await, "exists") >= 3).then_some(()) }
+    })
+    .await;
+    conf.publish(&q, &["--count", "1"]);
+    let again = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("pushed again");
+    assert!(again.unwrap().unwrap().result);
+    scaler.stop().await;
+}
+
+/// Tasks a worker holds unacknowledged (ETA) are found by an idle stream's cheap look (the
+/// shared `unacked` read) exactly as by the full reading: the stream pushes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_in_flight_keep_an_idle_stream_active() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("idle-eta");
+    let conf = CeleryConf::new(&url);
+    conf.publish(&q, &["--count", "2", "--countdown", "600"]);
+    let _worker = conf.worker(&[&q], 1);
+    wait_llen(&url, &q, 0).await;
+    let mut conn = raw_redis(&url).await;
+    wait_for("2 tasks in unacked", SETTLE, || {
+        let mut conn = conn.clone();
+        async move {
+            let n: u64 = redis::cmd("HLEN")
+                .arg("unacked")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (n == 2).then_some(())
+        }
+    })
+    .await;
+
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    reset_command_calls(&mut conn).await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("pushed: the set is active through its tasks in flight")
+        .expect("stream open")
+        .expect("no error");
+    assert!(msg.result);
+    let counts = command_calls(&mut conn).await;
+    assert!(
+        calls(&counts, "exists") >= 1,
+        "looked with EXISTS first: {counts:?}"
+    );
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    scaler.stop().await;
+}
+
+/// Idle streams over many sets of one broker share each read of the `unacked` hash: at most one
+/// per 100 ms, while each set costs its own `EXISTS` per tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sets_of_one_broker_share_the_unacked_read() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let client = scaler.client().await;
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let m = meta(&[
+            ("brokerUrl", &url),
+            ("queues", &unique(&format!("share{i}"))),
+            ("scaleOnRunning", "false"),
+        ]);
+        let mut client = client.clone();
+        streams.push(client.stream_is_active(object_ref(&m)).await.unwrap());
+    }
+    reset_command_calls(&mut conn).await;
+    let started = std::time::Instant::now();
+    let counts = wait_calls(&conn, "exists", 200).await;
+    let windows = (started.elapsed().as_millis() / 100) as u64 + 2;
+    assert_eq!(calls(&counts, "llen"), 0, "{counts:?}");
+    assert!(
+        calls(&counts, "hvals") <= windows,
+        "one unacked read per 100 ms, not one per set and tick: {counts:?}"
+    );
+    assert!(
+        calls(&counts, "hvals") * 4 <= calls(&counts, "exists"),
+        "{counts:?}"
+    );
+    drop(streams);
+    scaler.stop().await;
+}
+
+/// The largest trigger the limits allow, 256 queues x 256 priority steps (65,536 lists), costs
+/// one `EXISTS` per 64 fast intervals (12.8 s): `MAX_SOURCES_PER_TICK` lists per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_idle_set_stays_within_its_budget() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let queues: Vec<String> = (0..256).map(|i| format!("budget{i}")).collect();
+    let steps: Vec<String> = (0..256).map(|s| s.to_string()).collect();
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &queues.join(",")),
+        ("prioritySteps", &steps.join(",")),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    reset_command_calls(&mut conn).await;
+    let _stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    // The reading at open, then nothing for 64 ticks; watched for 10 of them.
+    wait_calls(&conn, "exists", 1).await;
+    tokio::time::sleep(TICK * 10).await;
+    let counts = command_calls(&mut conn).await;
+    assert_eq!(calls(&counts, "exists"), 1, "{counts:?}");
+    assert_eq!(calls(&counts, "llen"), 0, "{counts:?}");
+    scaler.stop().await;
 }

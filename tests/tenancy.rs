@@ -1001,3 +1001,48 @@ async fn a_master_reported_by_sentinel_is_read_when_admitted_and_checked_again_a
     exact.stop().await;
     ranged.stop().await;
 }
+
+/// A push stream whose Sentinel reports a master the allowlist refuses ends with
+/// PERMISSION_DENIED after its first reading, and nothing polls for it: the Sentinel receives no
+/// further connection over many stream intervals (each reading asks the Sentinel anew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_ends_with_the_refusal_and_polls_nothing() {
+    use tokio_stream::StreamExt;
+    let password = "SentinelStreamPw17";
+    let master = OwnRedis::start(Some(password), None);
+    let sentinel = OwnSentinel::start(master.port, "cksmaster", Some(password));
+    let url = format!("sentinel://:{password}@127.0.0.1:{}/0", sentinel.port);
+    let scaler = Scaler::start_with(
+        BrokerEnv::default(),
+        allowlist(&format!("127.0.0.1:{}", sentinel.port)),
+    )
+    .await;
+    let mut client = scaler.client().await;
+    let m = sentinel_meta("brokerUrl", &url, &unique("refstream"));
+    let mut own = raw_redis(&format!("redis://127.0.0.1:{}", sentinel.port)).await;
+    let mut stream = client
+        .stream_is_active(so("team-b", &m))
+        .await
+        .expect("admitted: the master is known only from the Sentinel")
+        .into_inner();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream answers")
+        .expect("with a message")
+        .expect_err("the refusal");
+    check_status("StreamIsActive", &status, &["`cksmaster`"], &[password]);
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next()).await;
+    assert!(matches!(end, Ok(None)), "the stream ended: {end:?}");
+
+    let before = connections_received(&mut own).await;
+    // Ten stream intervals (200 ms): before, each was a connection to the Sentinel.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        connections_received(&mut own).await,
+        before,
+        "a refused stream kept asking the Sentinel"
+    );
+    assert_eq!(scaler.metric("celery_keda_shared_polls ").await, Some(0.0));
+    assert_eq!(scaler.metric("celery_keda_streams ").await, Some(0.0));
+    scaler.stop().await;
+}

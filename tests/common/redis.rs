@@ -267,3 +267,29 @@ pub async fn redis_clients(url: &str) -> Vec<HashMap<String, String>> {
         .filter(|c| c.get("id").map(String::as_str) != Some(me.to_string().as_str()))
         .collect()
 }
+
+/// Calls per command (lowercase, e.g. `exists`, `llen`) since the server's last `CONFIG
+/// RESETSTAT`, from `INFO commandstats`: what a test's own server was asked.
+pub async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Zeroes the server's command counts (`CONFIG RESETSTAT`).
+pub async fn reset_command_calls(conn: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
