@@ -105,21 +105,21 @@ impl Error {
         }
     }
 
-    /// Whether the same reading cannot succeed until the trigger's metadata (or the broker's
-    /// account) changes: a tenancy refusal, bad metadata, rejected credentials or permissions.
-    /// A push stream whose reading fails this way ends with the error instead of polling: KEDA
-    /// reopens it (with new metadata, if any) after its backoff of 2 s doubling to 1 min.
-    /// Outages, timeouts, missing queues (a worker may declare them) and unexpected replies
-    /// are not permanent.
+    /// Whether the same reading cannot succeed until the trigger's metadata changes: the
+    /// scaler's own decisions on it (a tenancy refusal, bad metadata), which only the metadata or
+    /// the scaler's configuration decide. A push stream whose reading fails this way ends with
+    /// the error instead of polling: KEDA reopens it (with the ScaledObject's current metadata)
+    /// after its backoff of 2 s doubling to 1 min. What a broker reports is never permanent,
+    /// credentials and permissions included: an ACL edit or a password rotation changes it, and
+    /// RabbitMQ refuses connections to a vhost that is still starting with `NOT_ALLOWED`.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Error::InvalidMetadata { .. }
-            | Error::Refused { .. }
-            | Error::Unauthenticated(_)
-            | Error::PermissionDenied(_) => true,
+            Error::InvalidMetadata { .. } | Error::Refused { .. } => true,
             Error::NotFound(_)
             | Error::Unavailable(_)
             | Error::DeadlineExceeded(_)
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_)
             | Error::Internal(_) => false,
         }
     }
@@ -206,19 +206,18 @@ mod tests {
     }
 
     #[test]
-    fn only_errors_that_need_new_metadata_or_rights_are_permanent() {
-        let refused = Error::refused(Refusal::Host, "x");
+    fn only_the_scalers_own_decisions_on_metadata_are_permanent() {
         let permanent = [
             Error::invalid("queues", "x"),
-            refused,
-            Error::Unauthenticated("x".into()),
-            Error::PermissionDenied("x".into()),
+            Error::refused(Refusal::Host, "x"),
         ];
         assert!(permanent.iter().all(Error::is_permanent));
         let transient = [
             Error::NotFound("q".into()),
             Error::Unavailable("x".into()),
             Error::DeadlineExceeded("x".into()),
+            Error::Unauthenticated("x".into()),
+            Error::PermissionDenied("x".into()),
             Error::Internal("x".into()),
         ];
         assert!(!transient.iter().any(Error::is_permanent));

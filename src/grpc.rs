@@ -146,7 +146,7 @@ impl ExternalScaler for Service {
                 // The current reading first (a shared poll may already have one), then changes.
                 let reading = readings.borrow_and_update().clone();
                 if let Some(Err(e)) = reading {
-                    // Refused, bad metadata, rejected credentials: the poll has stopped, and the
+                    // Refused or bad metadata: the poll has stopped, and the
                     // stream ends with the error (KEDA logs it and reopens after its backoff).
                     if e.is_permanent() {
                         let _ = tx.send(Err(Status::from(e))).await;

@@ -8,8 +8,8 @@
 //! over the set's lists); while every stream is active it reads at the slow `active` interval,
 //! and every reading an RPC makes for the same query (KEDA's own polls) is handed to the poll's
 //! streams, so the poll learns the set went idle as soon as KEDA does. A reading that fails
-//! permanently ([`Error::is_permanent`]: refused, bad metadata, rejected credentials) ends the
-//! poll: its streams end with that error, and nothing polls for them.
+//! permanently ([`Error::is_permanent`]: a tenancy refusal or bad metadata) ends the poll: its
+//! streams end with that error, and nothing polls for them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
