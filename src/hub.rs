@@ -51,7 +51,8 @@ struct Poll {
     /// are >= 0, where bit order is numeric order). Never lowered while the poll runs: a stream
     /// that left can keep the poll fast for longer, never slow it down.
     threshold: AtomicU64,
-    /// Woken when an RPC hands the poll a reading, so it can switch to the fast interval.
+    /// Woken when an RPC hands the poll a reading or a stream with a higher threshold joins, so
+    /// it can switch to the fast interval.
     offered: Notify,
 }
 
@@ -98,7 +99,11 @@ impl Hub {
         let bits = threshold.max(0.0).to_bits();
         let mut polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(poll) = polls.get(query) {
-            poll.threshold.fetch_max(bits, Ordering::Relaxed);
+            // A higher threshold may make the set inactive for the new stream: the poll, if it
+            // waits at the active interval, is told to look again.
+            if poll.threshold.fetch_max(bits, Ordering::Relaxed) < bits {
+                poll.offered.notify_one();
+            }
             return poll.sender.subscribe();
         }
         let (sender, receiver) = watch::channel(None);
