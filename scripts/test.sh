@@ -157,7 +157,7 @@ rabbit_unlock() {
     RABBIT_HOLDER=""
 }
 
-# The control plane's first build takes about 20 minutes on 2 cores, most of it while this script
+# The control plane's first build takes about 30 minutes on 2 cores, most of it while this script
 # waits on apt, pip, brokers and tests: start it first, at low priority.
 if [ $want_keda = 1 ]; then
     log "control plane: e2e/scripts/build.sh in the background (log: $LOG_DIR/go-build.log)"
