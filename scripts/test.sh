@@ -140,12 +140,12 @@ rabbit_lock() { # -s (suites that use RabbitMQ) | -x (suites that stop it)
     rm -f "$ready"
     flock "$1" "$RABBIT_LOCK" sh -c ': >"$1"; exec sleep 86400' _ "$ready" </dev/null >/dev/null 2>&1 &
     RABBIT_HOLDER=$!
-    local waited=$SECONDS
+    local since=$SECONDS told=0
     until [ -e "$ready" ]; do
         kill -0 "$RABBIT_HOLDER" 2>/dev/null || die "flock $1 $RABBIT_LOCK failed"
-        if [ $((SECONDS - waited)) = 2 ]; then
+        if [ $told = 0 ] && [ $((SECONDS - since)) -ge 2 ]; then
             log "waiting for $RABBIT_LOCK ($1): another test command is stopping RabbitMQ or using it"
-            waited=$((waited - 1))
+            told=1
         fi
         sleep 0.2
     done
@@ -351,20 +351,23 @@ protected_pass() { # [ARGS]
 # The container image (scripts/image.sh: podman, offline stand-in base images, the Dockerfile's
 # build), then tests/image.rs, which runs it as each manifest does (it renders the Helm chart).
 image() { # [libtest ARGS]
-    CKS_E2E_ONLY=helm bash e2e/scripts/build.sh >/dev/null
-    log "container image (scripts/image.sh)"
-    bash scripts/image.sh
+    build_image
     rust_suite image "$@"
 }
 
-# The image lane of the full run: the image, then the test binary build_tests made. The image's
-# build runs at the control plane build's low priority: the Rust suites beside it wait on timers
-# and brokers and must not be starved (a cold image build is a release build of every dependency).
+# The image lane of the full run: the image, then the test binary build_tests made.
 image_lane() {
+    build_image
+    run_binaries "image||test|image|"
+}
+
+# The image's build runs at the control plane build's low priority: in the full run the Rust
+# suites beside it wait on timers and brokers and must not be starved (a cold image build is a
+# release build of every dependency).
+build_image() {
     CKS_E2E_ONLY=helm bash e2e/scripts/build.sh >/dev/null
     log "container image (scripts/image.sh)"
     nice -n 10 bash scripts/image.sh
-    run_binaries "image||test|image|"
 }
 
 # The KEDA suite. e2e/scripts/run.sh calls e2e/scripts/build.sh, which waits on the lock of a
