@@ -31,18 +31,15 @@ impl Broker for RedisBroker {
         in_flight: bool,
     ) -> Result<Option<Depth>> {
         // One command for the whole set, whatever its number of queues and priority steps.
-        let mut exists = redis::cmd("EXISTS");
-        let mut keys = 0;
-        for queue in queues {
-            for (_, key) in layout.ready_keys(queue) {
-                exists.arg(key);
-                keys += 1;
-            }
-        }
+        let keys: Vec<String> = queues
+            .iter()
+            .flat_map(|queue| layout.ready_keys(queue))
+            .map(|(_, key)| key)
+            .collect();
         let mut something = false;
-        if keys > 0 {
+        if !keys.is_empty() {
             let mut pipe = redis::pipe();
-            pipe.add_command(exists);
+            pipe.add_command(redis::cmd("EXISTS").arg(&keys).clone());
             let (existing,): (u64,) = self.run(&pipe).await?;
             something = existing > 0;
         }
