@@ -22,7 +22,10 @@ type ExampleBroker struct {
 	Queues string   // the worker example's queues, as its trigger names them
 	// PushBound is how long after publishing a push-activated trigger must reach 1 replica: the
 	// scaler's stream poll (200 ms on Redis and RabbitMQ, 5 s on SQS, where every read is billed)
-	// plus well under a second for the push and KEDA's /scale.
+	// plus the push and KEDA's /scale, which took up to 1.05 s on 2 cores while the Rust suites
+	// and the image ran beside the KEDA suite. A lost push is found all the same: the scenarios
+	// poll every 5 s, so an activation left to KEDA's own polling takes 2.5 s on average and
+	// more than 1.5 s 70% of the time, in each of the scenario's cycles.
 	PushBound time.Duration
 	Dir       string
 	// Fix sets scalerAddress (the suite's scaler) and the broker's keys on a trigger.
@@ -47,7 +50,7 @@ func NewExampleBroker(t testing.TB, name, ns string) ExampleBroker {
 // the test.
 func NewExampleBrokerAt(t testing.TB, name, ns, endpoint string) ExampleBroker {
 	t.Helper()
-	b := ExampleBroker{Name: name, Dir: "deploy/examples/" + name, PushBound: time.Second}
+	b := ExampleBroker{Name: name, Dir: "deploy/examples/" + name, PushBound: 1500 * time.Millisecond}
 	switch name {
 	case "redis":
 		b.Broker, b.Queues = endpoint, "celery,priority"
