@@ -2,10 +2,12 @@
 //! number of streams watching it. The poll stops when its last watcher leaves.
 //!
 //! Only the step idle -> active needs speed: KEDA ignores a pushed `false` and polls `GetMetrics`
-//! and `IsActive` itself while a target is active. So a poll reads at the fast interval only
-//! while at least one of its streams is inactive (its depth is at most that stream's
-//! `activationQueueLength`), and then with the backend's cheap look first (on Redis one `EXISTS`
-//! over the set's lists); while every stream is active it reads at the slow `active` interval,
+//! and `IsActive` itself while a target is active. So while at least one of its streams is
+//! inactive (its depth is at most that stream's `activationQueueLength`) a poll reads with the
+//! backend's cheap look first (on Redis one `EXISTS` over the set's lists) and arms the set where
+//! the broker notifies changes (Redis `CLIENT TRACKING`): it then reads again only when notified
+//! (at most once per fast interval), else at the fast interval. While every stream is active it
+//! reads at the slow `active` interval,
 //! and every reading an RPC makes for the same query (KEDA's own polls) is handed to the poll's
 //! streams, so the poll learns the set went idle as soon as KEDA does. A reading that fails
 //! permanently ([`Error::is_permanent`]: a tenancy refusal or bad metadata) ends the poll: its
@@ -62,11 +64,6 @@ impl Poll {
     fn all_active(&self) -> bool {
         let threshold = f64::from_bits(self.threshold.load(Ordering::Relaxed));
         matches!(*self.sender.borrow(), Some(Ok(depth)) if depth as f64 > threshold)
-    }
-
-    /// Whether the latest reading found nothing (or there is none yet): the cheap look suffices.
-    fn idle(&self) -> bool {
-        matches!(*self.sender.borrow(), None | Some(Ok(0)))
     }
 }
 
@@ -155,16 +152,22 @@ impl Hub {
         let idle_interval = base.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
         let active_interval = self.intervals.active.max(idle_interval);
         'poll: loop {
+            // An inactive set is read with the cheap look and armed where the broker notifies
+            // changes; an active one is read in full (KEDA polls it too).
+            let arm = !poll.all_active();
             let read = async {
-                if poll.idle() {
-                    self.core.read_if_any(&query).await
+                if arm {
+                    self.core.read_armed(&query).await
                 } else {
-                    self.core.read_fresh(&query).await
+                    self.core.read_fresh(&query).await.map(|d| (d, None))
                 }
             };
-            let reading = tokio::select! {
-                r = read => r.map(|d| d.total()),
-                _ = poll.sender.closed() => Err(Error::Internal(String::new())),
+            let (reading, armed) = tokio::select! {
+                r = read => match r {
+                    Ok((depth, armed)) => (Ok(depth.total()), armed),
+                    Err(e) => (Err(e), None),
+                },
+                _ = poll.sender.closed() => (Err(Error::Internal(String::new())), None),
                 _ = self.shutdown.cancelled() => break,
             };
             let permanent = matches!(&reading, Err(e) if e.is_permanent());
@@ -178,13 +181,34 @@ impl Hub {
             }
             let read_at = Instant::now();
             loop {
-                let interval = if poll.all_active() {
+                let active = poll.all_active();
+                let interval = if active {
                     active_interval
                 } else {
                     idle_interval
                 };
+                // An armed inactive set waits for the broker's notification; its next read comes
+                // no sooner than one fast interval after this one, so a busy set costs at most
+                // what polling would.
+                let notified = async {
+                    match &armed {
+                        Some(armed) if !active => {
+                            armed.changed().await;
+                            tokio::time::sleep_until(read_at + idle_interval).await;
+                        }
+                        _ => std::future::pending().await,
+                    }
+                };
+                let timer = async {
+                    if armed.is_some() && !active {
+                        std::future::pending().await
+                    } else {
+                        tokio::time::sleep_until(read_at + interval).await
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep_until(read_at + interval) => break,
+                    _ = timer => break,
+                    _ = notified => break,
                     // An RPC's reading: the interval may have changed.
                     _ = poll.offered.notified() => {}
                     _ = poll.sender.closed() => break,

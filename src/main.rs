@@ -92,6 +92,14 @@ struct ServeArgs {
     /// (KEDA polls the queues itself then, and its readings reach the streams).
     #[arg(long, env = "CELERY_KEDA_STREAM_ACTIVE_POLL_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     stream_active_poll_interval: Duration,
+    /// Arm idle Redis sets with CLIENT TRACKING (the server notifies the first write) instead
+    /// of polling them; brokers that refuse it are polled anyway.
+    #[arg(long, env = "CELERY_KEDA_REDIS_CLIENT_TRACKING", default_value_t = true, action = clap::ArgAction::Set)]
+    redis_client_tracking: bool,
+    /// How often one safety read per Redis broker looks at the lists of every armed idle set
+    /// (one EXISTS), bounding what a lost notification can cost.
+    #[arg(long, env = "CELERY_KEDA_REDIS_TRACKING_SAFETY_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    redis_tracking_safety_interval: Duration,
     /// How long a successful reading answers identical GetMetrics/IsActive requests (0s: only
     /// requests arriving while a reading is under way share it).
     #[arg(long, env = "CELERY_KEDA_RESULT_WINDOW", value_parser = parse_window, default_value = "250ms")]
@@ -280,6 +288,8 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         stream_poll_interval: args.stream_poll_interval,
         sqs_stream_poll_interval: args.sqs_stream_poll_interval,
         stream_active_poll_interval: args.stream_active_poll_interval,
+        redis_client_tracking: args.redis_client_tracking,
+        redis_tracking_safety_interval: args.redis_tracking_safety_interval,
         shutdown_grace: args.shutdown_grace,
         max_concurrent_streams: args.max_concurrent_streams,
         tls,

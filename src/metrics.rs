@@ -1,5 +1,5 @@
 //! Prometheus metrics served on the admin port. Every label value is bounded: RPC method names,
-//! gRPC codes, broker kinds, error kinds, and the queue names of configured triggers.
+//! gRPC codes, broker kinds, error kinds, push modes, and the queue names of configured triggers.
 
 use std::sync::Mutex;
 
@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::broker::Depth;
+use crate::broker::{Depth, PushMode};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -40,6 +40,13 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PushModeLabels {
+    broker: &'static str,
+    mode: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabels {
     broker: &'static str,
     queue: String,
@@ -56,6 +63,7 @@ pub struct Metrics {
     queue_depth: Family<QueueLabels, Gauge>,
     streams: Gauge,
     polls: Gauge,
+    push_modes: Family<PushModeLabels, Gauge>,
     census_age: Family<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     census_failures: Family<BrokerLabels, Counter>,
     census_unresolved: Family<BrokerLabels, Counter>,
@@ -99,6 +107,11 @@ impl Metrics {
         let queue_depth = Family::<QueueLabels, Gauge>::default();
         let streams = Gauge::default();
         let polls = Gauge::default();
+        let push_modes = Family::<PushModeLabels, Gauge>::default();
+        // Every mode starts at zero, so an alert can watch for polling brokers at once.
+        for mode in PushMode::ALL {
+            let _ = push_modes.get_or_create(&push_mode_labels(mode));
+        }
         let census_age =
             Family::<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let census_failures = Family::<BrokerLabels, Counter>::default();
@@ -179,6 +192,11 @@ impl Metrics {
             "Background polls shared by StreamIsActive streams (one per distinct query)",
             polls.clone(),
         );
+        registry.register(
+            "push_brokers",
+            "Redis broker clients by how their idle push streams learn of new tasks: mode tracking (the server notifies, CLIENT TRACKING) or polling, with the reason (disabled, resp3_unsupported, no_permission, refused); the log names each polling broker",
+            push_modes.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             rpcs,
@@ -188,6 +206,7 @@ impl Metrics {
             queue_depth,
             streams,
             polls,
+            push_modes,
             census_age,
             census_failures,
             census_unresolved,
@@ -310,6 +329,13 @@ impl Metrics {
         &self.polls
     }
 
+    /// A Redis broker client entered (`delta` 1) or left (-1) a push mode.
+    pub fn push_mode(&self, mode: PushMode, delta: i64) {
+        self.push_modes
+            .get_or_create(&push_mode_labels(mode))
+            .inc_by(delta);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -317,6 +343,14 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+fn push_mode_labels(mode: PushMode) -> PushModeLabels {
+    PushModeLabels {
+        broker: "redis",
+        mode: mode.mode_label(),
+        reason: mode.reason_label(),
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::{ClientSettings, Depth, DepthQuery, Registry};
+use crate::broker::{Armed, ClientSettings, Depth, DepthQuery, ModeSink, NotifySettings, Registry};
 use crate::broker_env::BrokerEnv;
 use crate::census::{CensusSettings, Censuses};
 use crate::error::{Error, Result};
@@ -27,6 +27,9 @@ pub struct CoreSettings {
     pub limits: metadata::Limits,
     /// Named brokers per namespace, host allowlist, inline URLs, the scaler's AWS identity.
     pub tenancy: Tenancy,
+    /// Change notifications for idle sets (Redis `CLIENT TRACKING`); the core reports each
+    /// broker's mode into its metrics, whatever `modes` says.
+    pub notify: NotifySettings,
 }
 
 impl CoreSettings {
@@ -38,6 +41,7 @@ impl CoreSettings {
             census: CensusSettings::for_deadline(deadline),
             limits: metadata::Limits::default(),
             tenancy: Tenancy::default(),
+            notify: NotifySettings::default(),
         }
     }
 }
@@ -67,8 +71,16 @@ pub struct Core {
 impl Core {
     /// A core with no broker clients yet.
     pub fn new(env: BrokerEnv, settings: CoreSettings, metrics: Arc<Metrics>) -> Self {
+        let modes = {
+            let metrics = metrics.clone();
+            ModeSink::new(move |mode, delta| metrics.push_mode(mode, delta))
+        };
         let registry = Arc::new(Registry::new(ClientSettings {
             timeout: settings.deadline,
+            notify: NotifySettings {
+                modes,
+                ..settings.notify
+            },
         }));
         Core {
             env,
@@ -140,7 +152,7 @@ impl Core {
     /// broker does not answer within the deadline; never returns a depth for a failed reading.
     pub async fn read(&self, query: &DepthQuery) -> Result<Depth> {
         self.recent
-            .try_get_with_by_ref(query, self.read_broker(query, false))
+            .try_get_with_by_ref(query, self.read_broker(query, None))
             .await
             .map_err(|e| (*e).clone())
     }
@@ -152,11 +164,14 @@ impl Core {
         self.read(query).await
     }
 
-    /// Reads the broker now, looking first as cheaply as the backend allows
-    /// ([`crate::broker::Broker::depth_if_any`]): the same depth as a full reading, for the
-    /// stream polls of idle sets. Bypasses the result window (and does not refresh it).
-    pub async fn read_if_any(&self, query: &DepthQuery) -> Result<Depth> {
-        self.read_broker(query, true).await
+    /// Reads the broker now, looking first as cheaply as the backend allows, with the set armed
+    /// for change notifications where the broker gives them
+    /// ([`crate::broker::Broker::depth_armed`]): the same depth as a full reading, for the stream
+    /// polls of inactive sets. Bypasses the result window (and does not refresh it).
+    pub async fn read_armed(&self, query: &DepthQuery) -> Result<(Depth, Option<Armed>)> {
+        let mut armed = None;
+        let depth = self.read_broker(query, Some(&mut armed)).await?;
+        Ok((depth, armed))
     }
 
     /// Stops the worker census loops, waiting for censuses under way (bounded by their
@@ -170,12 +185,18 @@ impl Core {
         self.censuses.loops()
     }
 
-    /// The broker's depth (after a cheap look that may find nothing, if `glance`), plus (with
-    /// `scaleOnRunning`) the acknowledged running tasks of the latest worker census.
-    async fn depth_with_running(&self, query: &DepthQuery, glance: bool) -> Result<Depth> {
+    /// The broker's depth (after a cheap look that may find nothing, and arming the set into
+    /// `armed`, if given), plus (with `scaleOnRunning`) the acknowledged running tasks of the
+    /// latest worker census.
+    async fn depth_with_running(
+        &self,
+        query: &DepthQuery,
+        armed: Option<&mut Option<Armed>>,
+    ) -> Result<Depth> {
         let broker = async {
-            if glance {
-                let depth = self.registry.depth_if_any(query).await?;
+            if let Some(armed) = armed {
+                let (depth, handle) = self.registry.depth_armed(query).await?;
+                *armed = handle;
                 Ok(depth.unwrap_or_else(|| Depth::zero(&query.queues)))
             } else {
                 self.registry.depth(query).await
@@ -211,10 +232,14 @@ impl Core {
     }
 
     /// One reading from the broker, bounded by the deadline, recorded in the metrics.
-    async fn read_broker(&self, query: &DepthQuery, glance: bool) -> Result<Depth> {
+    async fn read_broker(
+        &self,
+        query: &DepthQuery,
+        armed: Option<&mut Option<Armed>>,
+    ) -> Result<Depth> {
         let kind = query.backend.kind();
         let started = Instant::now();
-        let reading = self.depth_with_running(query, glance);
+        let reading = self.depth_with_running(query, armed);
         let result = match tokio::time::timeout(self.deadline, reading).await {
             Ok(r) => r,
             Err(_) => Err(Error::DeadlineExceeded(format!(

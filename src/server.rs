@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::admin::{self, AdminState};
+use crate::broker::NotifySettings;
 use crate::broker_env::BrokerEnv;
 use crate::census::CensusSettings;
 use crate::grpc::Service;
@@ -42,6 +43,10 @@ pub struct ServeSettings {
     /// How often a shared stream poll reads while every stream watching it is active (KEDA
     /// polls the queues itself then, and its readings reach the streams).
     pub stream_active_poll_interval: Duration,
+    /// Whether idle Redis sets are armed with `CLIENT TRACKING` rather than polled.
+    pub redis_client_tracking: bool,
+    /// How often one safety read per Redis broker looks at every armed idle set at once.
+    pub redis_tracking_safety_interval: Duration,
     /// How long in-flight RPCs may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
     /// HTTP/2 concurrent streams per connection: KEDA multiplexes every trigger on one.
@@ -69,6 +74,8 @@ impl Default for ServeSettings {
             stream_poll_interval: Duration::from_millis(200),
             sqs_stream_poll_interval: Duration::from_secs(5),
             stream_active_poll_interval: Duration::from_secs(30),
+            redis_client_tracking: true,
+            redis_tracking_safety_interval: crate::broker::DEFAULT_SAFETY_INTERVAL,
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_streams: 16_384,
             tls: None,
@@ -128,6 +135,11 @@ pub async fn serve(
             },
             limits: settings.limits,
             tenancy: settings.tenancy,
+            notify: NotifySettings {
+                enabled: settings.redis_client_tracking,
+                safety_interval: settings.redis_tracking_safety_interval,
+                ..NotifySettings::default()
+            },
         },
         metrics.clone(),
     ));

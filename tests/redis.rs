@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use celery_keda_scaler::broker_env::BrokerEnv;
+use celery_keda_scaler::server::ServeSettings;
 use common::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -555,8 +557,17 @@ fn calls(counts: &std::collections::HashMap<String, u64>, command: &str) -> u64 
     counts.get(command).copied().unwrap_or(0)
 }
 
-/// An idle set is looked at with one `EXISTS` over all its lists per tick, never `LLEN`; a
-/// publish is pushed at once; the set, once active, is not polled (KEDA polls it); KEDA's own
+/// Settings of a scaler that polls idle Redis sets (tracking off: what a broker that refuses
+/// `CLIENT TRACKING` gets).
+fn polling() -> ServeSettings {
+    ServeSettings {
+        redis_client_tracking: false,
+        ..ServeSettings::default()
+    }
+}
+
+/// Polling (tracking off): an idle set is looked at with one `EXISTS` over all its lists per
+/// tick, never `LLEN`; a publish is pushed at once; the set, once active, is not polled (KEDA polls it); KEDA's own
 /// `IsActive` reading that finds it idle again makes the stream poll fast again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_costs_one_exists_per_tick_and_an_active_one_nothing() {
@@ -572,7 +583,7 @@ async fn an_idle_stream_costs_one_exists_per_tick_and_an_active_one_nothing() {
         ("scaleOnRunning", "false"),
     ]);
     let mut conn = raw_redis(&url).await;
-    let scaler = Scaler::start().await;
+    let scaler = Scaler::start_with(BrokerEnv::default(), polling()).await;
     let mut client = scaler.client().await;
     reset_command_calls(&mut conn).await;
     let started = std::time::Instant::now();
@@ -686,14 +697,14 @@ async fn tasks_in_flight_keep_an_idle_stream_active() {
     scaler.stop().await;
 }
 
-/// Idle streams over many sets of one broker share each read of the `unacked` hash: at most one
-/// per 100 ms, while each set costs its own `EXISTS` per tick.
+/// Polling (tracking off): idle streams over many sets of one broker share each read of the
+/// `unacked` hash: at most one per 100 ms, while each set costs its own `EXISTS` per tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sets_of_one_broker_share_the_unacked_read() {
     let server = OwnRedis::start(None, None);
     let url = server.url(None);
     let mut conn = raw_redis(&url).await;
-    let scaler = Scaler::start().await;
+    let scaler = Scaler::start_with(BrokerEnv::default(), polling()).await;
     let client = scaler.client().await;
     let mut streams = Vec::new();
     for i in 0..20 {
@@ -722,8 +733,9 @@ async fn idle_sets_of_one_broker_share_the_unacked_read() {
     scaler.stop().await;
 }
 
-/// The largest trigger the limits allow, 256 queues x 256 priority steps (65,536 lists), costs
-/// one `EXISTS` per 64 fast intervals (12.8 s): `MAX_SOURCES_PER_TICK` lists per interval.
+/// Polling (tracking off): the largest trigger the limits allow, 256 queues x 256 priority steps
+/// (65,536 lists), costs one `EXISTS` per 64 fast intervals (12.8 s): `MAX_SOURCES_PER_TICK`
+/// lists per interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_idle_set_stays_within_its_budget() {
     let server = OwnRedis::start(None, None);
@@ -737,7 +749,7 @@ async fn a_huge_idle_set_stays_within_its_budget() {
         ("scaleOnRunning", "false"),
     ]);
     let mut conn = raw_redis(&url).await;
-    let scaler = Scaler::start().await;
+    let scaler = Scaler::start_with(BrokerEnv::default(), polling()).await;
     let mut client = scaler.client().await;
     reset_command_calls(&mut conn).await;
     let _stream = client
@@ -752,4 +764,453 @@ async fn a_huge_idle_set_stays_within_its_budget() {
     assert_eq!(calls(&counts, "exists"), 1, "{counts:?}");
     assert_eq!(calls(&counts, "llen"), 0, "{counts:?}");
     scaler.stop().await;
+}
+
+// ------------------------------------------------- idle sets armed with CLIENT TRACKING
+
+/// The scaler's change-notification connections on a server (`CLIENT LIST` flag `t`).
+async fn tracking_clients(url: &str) -> Vec<std::collections::HashMap<String, String>> {
+    redis_clients(url)
+        .await
+        .into_iter()
+        .filter(|c| c.get("flags").is_some_and(|f| f.contains('t')))
+        .collect()
+}
+
+/// Waits until exactly one change-notification connection is on the server; returns its id.
+async fn one_tracking_client(url: &str) -> String {
+    wait_for("one tracking connection", SETTLE, || async {
+        let clients = tracking_clients(url).await;
+        (clients.len() == 1).then(|| clients[0]["id"].clone())
+    })
+    .await
+}
+
+/// The push-mode gauge of the scaler for `mode` and `reason`.
+async fn push_brokers(scaler: &Scaler, mode: &str, reason: &str) -> Option<f64> {
+    scaler
+        .metric(&format!(
+            "celery_keda_push_brokers{{broker=\"redis\",mode=\"{mode}\",reason=\"{reason}\"}}"
+        ))
+        .await
+}
+
+/// Waits for the next message of `stream`.
+async fn next_push(
+    stream: &mut tonic::Streaming<celery_keda_scaler::proto::IsActiveResponse>,
+    what: &str,
+) -> bool {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no push within 10 s"))
+        .expect("stream open")
+        .expect("no error")
+        .result
+}
+
+/// An armed idle set is not read at all until a Celery publish to it: the server's
+/// invalidation wakes the poll, which reads once and pushes `true`. No `LLEN` or `EXISTS`
+/// reaches the server between the arming and the publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_armed_idle_set_is_pushed_without_being_read() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("armed");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("prioritySteps", "0,3,6,9"),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&url).await;
+    wait_calls(&conn, "exists", 1).await;
+    assert_eq!(push_brokers(&scaler, "tracking", "none").await, Some(1.0));
+    reset_command_calls(&mut conn).await;
+    // Ten fast intervals: a polled set would have cost ten EXISTS.
+    tokio::time::sleep(TICK * 10).await;
+    let quiet = command_calls(&mut conn).await;
+    assert_eq!(
+        calls(&quiet, "exists") + calls(&quiet, "llen") + calls(&quiet, "hvals"),
+        0,
+        "an armed set is not read: {quiet:?}"
+    );
+
+    CeleryConf::new(&url).publish(&q, &["--count", "3", "--priority", "6"]);
+    assert!(next_push(&mut stream, "the publish").await);
+    let after = command_calls(&mut conn).await;
+    assert!(
+        calls(&after, "exists") >= 1,
+        "read once notified: {after:?}"
+    );
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 3);
+    scaler.stop().await;
+}
+
+/// The notification connection killed (`CLIENT KILL`): every set is armed again on a new one,
+/// and a later publish still pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_tracking_connection_is_rearmed() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("rearm");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = one_tracking_client(&url).await;
+    wait_calls(&conn, "exists", 1).await;
+    reset_command_calls(&mut conn).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&first)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Re-armed: a new tracking connection, and the set read on it.
+    let second = wait_for("a new tracking connection", SETTLE, || async {
+        let clients = tracking_clients(&url).await;
+        (clients.len() == 1 && clients[0]["id"] != first).then(|| clients[0]["id"].clone())
+    })
+    .await;
+    assert_ne!(first, second);
+    wait_calls(&conn, "exists", 1).await;
+
+    CeleryConf::new(&url).publish(&q, &["--count", "2"]);
+    assert!(next_push(&mut stream, "the publish after the kill").await);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    scaler.stop().await;
+}
+
+/// A Sentinel failover while a set is armed: the old master's connections are closed by the
+/// Sentinel, the set is armed again on the new master, and a publish there pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_rearms_on_the_new_master() {
+    let master = OwnRedis::start(None, None);
+    let replica = OwnRedis::start(None, None);
+    let mut rconn = raw_redis(&replica.url(None)).await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query_async(&mut rconn)
+        .await
+        .unwrap();
+    let sentinel = OwnSentinel::start(master.port, "cksfail", None);
+    let sentinel_url = format!("redis://127.0.0.1:{}", sentinel.port);
+    let mut sconn = raw_redis(&sentinel_url).await;
+    // The Sentinel learns the replica from the master's INFO (every 10 s).
+    wait_for("the Sentinel knows the replica", SETTLE, || {
+        let mut sconn = sconn.clone();
+        async move {
+            let replicas: Vec<std::collections::HashMap<String, String>> = redis::cmd("SENTINEL")
+                .arg("REPLICAS")
+                .arg("cksfail")
+                .query_async(&mut sconn)
+                .await
+                .ok()?;
+            replicas
+                .iter()
+                .any(|r| r.get("flags").map(String::as_str) == Some("slave"))
+                .then_some(())
+        }
+    })
+    .await;
+
+    let q = unique("failover");
+    let url = format!("sentinel://127.0.0.1:{}", sentinel.port);
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("sentinelMaster", "cksfail"),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&master.url(None)).await;
+
+    let _: () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("cksfail")
+        .query_async(&mut sconn)
+        .await
+        .unwrap();
+    wait_for("the replica promoted", SETTLE, || {
+        let mut sconn = sconn.clone();
+        async move {
+            let addr: (String, u16) = redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg("cksfail")
+                .query_async(&mut sconn)
+                .await
+                .ok()?;
+            (addr.1 == replica.port).then_some(())
+        }
+    })
+    .await;
+    // Armed again on the new master, and nothing of the scaler tracks on the old one.
+    one_tracking_client(&replica.url(None)).await;
+    wait_for("no tracking on the old master", SETTLE, || async {
+        tracking_clients(&master.url(None))
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+
+    let mut conf = CeleryConf::new(&url);
+    conf.master_name = Some("cksfail".into());
+    conf.publish(&q, &["--count", "4"]);
+    assert!(next_push(&mut stream, "the publish after the failover").await);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 4);
+    scaler.stop().await;
+}
+
+/// An ACL user without `CLIENT`: the broker is polled (one log line, the gauge says why), with
+/// the same exact depths and pushes as with tracking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_client_falls_back_to_polling() {
+    let server = OwnRedis::start(None, None);
+    let admin = server.url(None);
+    let mut conn = raw_redis(&admin).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("notrack")
+        .arg("on")
+        .arg(">notrack-pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-client")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("redis://notrack:notrack-pw@127.0.0.1:{}/0", server.port);
+    let q = unique("fallback");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the polling gauge", SETTLE, || async {
+        (push_brokers(&scaler, "polling", "no_permission").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(push_brokers(&scaler, "tracking", "none").await, Some(0.0));
+    assert!(tracking_clients(&admin).await.is_empty());
+    // Polled: EXISTS every fast interval.
+    reset_command_calls(&mut conn).await;
+    wait_calls(&conn, "exists", 5).await;
+
+    CeleryConf::new(&url).publish(&q, &["--count", "5", "--priority", "9"]);
+    assert!(next_push(&mut stream, "the publish while polling").await);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 5);
+    let metrics = scaler.admin_get("/metrics").await.1;
+    assert!(!metrics.contains("notrack-pw"), "{metrics}");
+    scaler.stop().await;
+}
+
+/// A busy set (a producer and a consumer moving thousands of messages per second through its
+/// list, which stays nearly empty) wakes the armed poll at most once per fast interval, not
+/// once per write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_queue_is_not_read_once_per_write() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("busy");
+    // A real Celery message to move around.
+    let conf = CeleryConf::new(&url);
+    conf.publish(&q, &["--count", "1"]);
+    let mut conn = raw_redis(&url).await;
+    let body: Vec<u8> = redis::cmd("RPOP")
+        .arg(&q)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let _stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&url).await;
+    wait_calls(&conn, "exists", 1).await;
+
+    reset_command_calls(&mut conn).await;
+    let started = std::time::Instant::now();
+    let load = {
+        let mut conn = raw_redis(&url).await;
+        let (q, body) = (q.clone(), body.clone());
+        tokio::spawn(async move {
+            let until = std::time::Instant::now() + Duration::from_secs(3);
+            let mut moved = 0u64;
+            while std::time::Instant::now() < until {
+                let mut pipe = redis::pipe();
+                for _ in 0..50 {
+                    pipe.lpush(&q, &body).ignore().rpop(&q, None).ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await.unwrap();
+                moved += 50;
+            }
+            moved
+        })
+    };
+    let moved = load.await.unwrap();
+    let counts = command_calls(&mut conn).await;
+    let ticks = (started.elapsed().as_millis() / TICK.as_millis()) as u64 + 2;
+    assert!(calls(&counts, "lpush") >= 1000, "a busy queue: {counts:?}");
+    assert_eq!(calls(&counts, "lpush"), moved);
+    assert!(
+        calls(&counts, "exists") <= ticks,
+        "at most one read per fast interval, not one per write ({moved} writes): {counts:?}"
+    );
+    scaler.stop().await;
+}
+
+/// `globalKeyprefix` and a custom separator: the set is armed on the keys Celery writes (a
+/// publish under them pushes), not on the bare names (a write there wakes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefixed_keys_and_a_custom_separator_are_armed() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let prefix = "tenant-a:";
+    let q = unique("pfxarm");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("globalKeyprefix", prefix),
+        ("prioritySteps", "0,5"),
+        ("separator", ":"),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&url).await;
+    wait_calls(&conn, "exists", 1).await;
+    reset_command_calls(&mut conn).await;
+    // The bare names (kombu's defaults) are not the set's keys: no wake-up, no read.
+    let _: () = redis::cmd("LPUSH")
+        .arg(&q)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("LPUSH")
+        .arg(format!("{q}\x06\x165"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(TICK * 5).await;
+    let quiet = command_calls(&mut conn).await;
+    assert_eq!(calls(&quiet, "exists"), 0, "{quiet:?}");
+
+    let mut conf = CeleryConf::new(&url);
+    conf.global_keyprefix = Some(prefix.into());
+    conf.priority_steps = Some("0,5".into());
+    conf.sep = Some(":".into());
+    conf.publish(&q, &["--count", "1", "--priority", "7"]);
+    assert!(next_push(&mut stream, "the prefixed publish").await);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 1);
+    scaler.stop().await;
+}
+
+/// One idle stream on the largest trigger the limits allow (256 queues x 256 priority steps,
+/// 65,536 lists): armed once, then no command at all, and a small share of a Redis core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_armed_set_costs_nothing_while_idle() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let queues: Vec<String> = (0..256).map(|i| format!("hugearm{i}")).collect();
+    let steps: Vec<String> = (0..256).map(|s| s.to_string()).collect();
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &queues.join(",")),
+        ("prioritySteps", &steps.join(",")),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let _stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&url).await;
+    wait_calls(&conn, "exists", 1).await;
+    reset_command_calls(&mut conn).await;
+    let cpu_before = redis_cpu_seconds(&mut conn).await;
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let counts = command_calls(&mut conn).await;
+    let cpu = redis_cpu_seconds(&mut conn).await - cpu_before;
+    let elapsed = started.elapsed().as_secs_f64();
+    // Only this test's own INFO/CONFIG calls reach the server.
+    let scaler_calls: u64 = counts
+        .iter()
+        .filter(|(c, _)| !matches!(c.as_str(), "info" | "config|resetstat" | "config"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(scaler_calls, 0, "{counts:?}");
+    assert!(
+        cpu / elapsed <= 0.01,
+        "{cpu:.3} s of Redis CPU in {elapsed:.1} s"
+    );
+    scaler.stop().await;
+}
+
+/// `used_cpu_sys + used_cpu_user` of the server (`INFO cpu`).
+async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.trim().parse::<f64>().ok())?
+        })
+        .sum()
 }

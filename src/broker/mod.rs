@@ -1,9 +1,10 @@
 //! The broker abstraction, one folder per backend: [`Backend`] (a target and a trigger's layout
-//! in one variant) and [`DepthQuery`], the reading types and the [`Broker`] trait, the hosts
+//! in one variant) and [`DepthQuery`], the reading types and the [`Broker`] trait, the [`Armed`] handle of change notifications, the hosts
 //! each target contacts, and the [`Registry`] that keeps one client per distinct target.
 //!
 //! This file only names the parts: nothing below imports it.
 
+pub mod armed;
 pub mod census;
 pub mod hosts;
 pub mod query;
@@ -14,8 +15,11 @@ pub mod registry;
 pub mod sqs;
 pub mod url;
 
+pub use self::armed::{Armed, ModeSink, PollReason, PushMode};
 pub use self::hosts::{Contact, HostField, Unresolved};
 pub use self::query::{Backend, DepthQuery};
-pub use self::reading::{Broker, ClientSettings, Depth, QueueDepth, ReadyPart};
+pub use self::reading::{
+    Broker, ClientSettings, Depth, NotifySettings, QueueDepth, ReadyPart, DEFAULT_SAFETY_INTERVAL,
+};
 pub use self::registry::Registry;
 pub use self::url::BrokerTarget;

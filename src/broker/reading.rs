@@ -1,11 +1,13 @@
 //! What a reading returns (`Depth`, per queue and per source) and the trait every backend
 //! implements: a depth reading, the same reading skipped when a cheap look finds nothing (what
-//! the idle push streams poll), and a worker census.
+//! the idle push streams poll), the same again with the set armed for change notifications, and
+//! a worker census.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::armed::{Armed, ModeSink};
 use super::census::Census;
 use crate::error::Result;
 
@@ -110,6 +112,19 @@ pub trait Broker: Send + Sync + 'static {
         Ok((depth.total() > 0).then_some(depth))
     }
 
+    /// [`Broker::depth_if_any`], with the set armed on the broker first when the backend can
+    /// notify changes: the [`Armed`] handle then wakes the caller when the set's sources are
+    /// written, so it need not poll. `None` where the backend or this broker cannot notify (the
+    /// caller polls). The default arms nothing.
+    async fn depth_armed(
+        &self,
+        layout: &Self::Layout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<(Option<Depth>, Option<Armed>)> {
+        Ok((self.depth_if_any(layout, queues, in_flight).await?, None))
+    }
+
     /// Asks the workers what they are running (Celery remote control), collecting replies for
     /// up to `window`. `None` when the broker has no worker remote control (SQS). No worker
     /// answering is an empty census, not an error.
@@ -121,4 +136,31 @@ pub trait Broker: Send + Sync + 'static {
 pub struct ClientSettings {
     /// Connect and response timeout for broker I/O (the RPC deadline).
     pub timeout: Duration,
+    /// Change notifications for idle sets, where the backend has them (Redis).
+    pub notify: NotifySettings,
 }
+
+/// Change notifications for idle sets ([`Broker::depth_armed`]).
+#[derive(Clone, Debug)]
+pub struct NotifySettings {
+    /// Whether to ask the server for them at all (Redis `CLIENT TRACKING`).
+    pub enabled: bool,
+    /// How often one safety read per broker looks at every armed set's sources at once, bounding
+    /// what a lost notification can cost.
+    pub safety_interval: Duration,
+    /// Told which mode each broker client is in.
+    pub modes: ModeSink,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            enabled: true,
+            safety_interval: DEFAULT_SAFETY_INTERVAL,
+            modes: ModeSink::none(),
+        }
+    }
+}
+
+/// Default [`NotifySettings::safety_interval`].
+pub const DEFAULT_SAFETY_INTERVAL: Duration = Duration::from_secs(30);

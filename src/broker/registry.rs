@@ -7,6 +7,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::armed::Armed;
 use super::census::Census;
 use super::query::{Backend, DepthQuery};
 use super::rabbitmq::{RabbitBroker, RabbitTarget};
@@ -80,24 +81,25 @@ impl Registry {
         }
     }
 
-    /// [`Registry::depth`], or `None` when the backend's cheap look finds the queues empty
-    /// ([`Broker::depth_if_any`]).
-    pub async fn depth_if_any(&self, query: &DepthQuery) -> Result<Option<Depth>> {
+    /// [`Registry::depth`], or `None` when the backend's cheap look finds the queues empty, with
+    /// the set armed for change notifications where the broker gives them
+    /// ([`Broker::depth_armed`]).
+    pub async fn depth_armed(&self, query: &DepthQuery) -> Result<(Option<Depth>, Option<Armed>)> {
         let (queues, in_flight) = (&query.queues, query.in_flight);
         match &query.backend {
             Backend::Redis { target, layout } => {
                 self.redis_client(target)?
-                    .depth_if_any(layout, queues, in_flight)
+                    .depth_armed(layout, queues, in_flight)
                     .await
             }
             Backend::RabbitMq { target, layout } => {
                 self.rabbitmq_client(target)?
-                    .depth_if_any(layout, queues, in_flight)
+                    .depth_armed(layout, queues, in_flight)
                     .await
             }
             Backend::Sqs { target, layout } => {
                 self.sqs_client(target)?
-                    .depth_if_any(layout, queues, in_flight)
+                    .depth_armed(layout, queues, in_flight)
                     .await
             }
         }

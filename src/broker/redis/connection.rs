@@ -15,14 +15,16 @@ use super::error::convert;
 use super::layout::{Binding, RedisLayout};
 use super::sentinel;
 use super::target::{RedisAddr, RedisTarget};
+use super::tracking::Tracker;
 use crate::broker::reading::ClientSettings;
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
 
 /// How the connection to the server is obtained.
 enum Source {
-    /// A fixed address: the manager reconnects to it by itself.
-    Direct(ConnectionManager),
+    /// A fixed address: the manager reconnects to it by itself; the client is kept for the
+    /// change-notification connection.
+    Direct(ConnectionManager, Client),
     /// A Sentinel-managed master: looked up on first use and again after a connection error,
     /// so a failover moves the scaler to the new master.
     Sentinel {
@@ -51,6 +53,8 @@ pub struct RedisBroker {
     /// is one per database, so reading it once per set and tick would multiply its cost by the
     /// number of sets.
     pub(super) unacked: moka::future::Cache<RedisLayout, Arc<HashMap<String, u64>>>,
+    /// Change notifications for the idle sets on this broker.
+    pub(super) tracker: Tracker,
 }
 
 /// How long one read of the `unacked` hash answers the idle polls of every set on the broker:
@@ -122,15 +126,18 @@ impl RedisBroker {
             addr => {
                 let client = build_client(addr, redis_info, &redacted)?;
                 Source::Direct(
-                    ConnectionManager::new_lazy_with_config(client, config.clone())
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                         .map_err(fail)?,
+                    client,
                 )
             }
         };
+        let tracker = Tracker::new(settings.notify.clone(), settings.timeout, redacted.clone());
         Ok(RedisBroker {
             target,
             source,
             config,
+            tracker,
             unacked: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(UNACKED_SHARED_FOR)
@@ -140,7 +147,7 @@ impl RedisBroker {
 
     async fn connection(&self) -> Result<ConnectionManager> {
         let (lookup, current) = match &self.source {
-            Source::Direct(manager) => return Ok(manager.clone()),
+            Source::Direct(manager, _) => return Ok(manager.clone()),
             Source::Sentinel { lookup, current } => (lookup, current),
         };
         let mut current = current.lock().await;
@@ -158,10 +165,32 @@ impl RedisBroker {
                 ConnectionManager::new_lazy_with_config(client, self.config.clone())
                     .map_err(|e| self.convert(e))?
             }
-            MasterLookup::Checked(lookup) => lookup.master(&self.config, &self.target).await?,
+            MasterLookup::Checked(lookup) => lookup.master(&self.config, &self.target).await?.1,
         };
         *current = Some(manager.clone());
         Ok(manager)
+    }
+
+    /// A client for the master as it is now, for the change-notification connection: the fixed
+    /// address, or the master the Sentinels report (looked up again, never a remembered one, so
+    /// the notifications follow a failover).
+    pub(super) async fn master_client(&self) -> Result<Client> {
+        match &self.source {
+            Source::Direct(_, client) => Ok(client.clone()),
+            Source::Sentinel {
+                lookup: MasterLookup::Crate(sentinel),
+                ..
+            } => sentinel
+                .lock()
+                .await
+                .async_get_client()
+                .await
+                .map_err(|e| self.convert(e)),
+            Source::Sentinel {
+                lookup: MasterLookup::Checked(lookup),
+                ..
+            } => Ok(lookup.master(&self.config, &self.target).await?.0),
+        }
     }
 
     /// After a connection-level failure, forget a Sentinel-resolved master.

@@ -3,7 +3,7 @@
 //!
 //! `target.rs` (URLs), `layout.rs` (kombu's keys and bindings; pure), `connection.rs`,
 //! `sentinel.rs` (the checked master lookup), `error.rs` (error mapping), `reading.rs` (the
-//! depth), `census.rs` and `pidbox.rs` (the worker census). This file only names the parts.
+//! depth), `tracking.rs` (change notifications for idle sets, `CLIENT TRACKING`), `census.rs` and `pidbox.rs` (the worker census). This file only names the parts.
 
 mod census;
 mod connection;
@@ -13,6 +13,7 @@ mod pidbox;
 mod reading;
 mod sentinel;
 mod target;
+mod tracking;
 
 pub use connection::RedisBroker;
 pub use layout::{
@@ -20,3 +21,4 @@ pub use layout::{
     DEFAULT_SEPARATOR,
 };
 pub use target::{RedisAddr, RedisTarget, TlsSettings};
+pub use tracking::RETRY_REFUSED_AFTER;

@@ -2,7 +2,8 @@
 //! pipelined round trip, each unacked entry routed to its queue through the binding tables. An
 //! idle poll looks first with one `EXISTS` over every list of the set (an empty Redis list does
 //! not exist) and the `unacked` hash as routed for every set of the broker in the last 100 ms,
-//! and reads the depth only when something is there.
+//! and reads the depth only when something is there. The same look on the change-notification
+//! connection arms the set ([`super::tracking`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use async_trait::async_trait;
 
 use super::connection::RedisBroker;
 use super::layout::{printable, route, unacked_routing, RedisLayout};
+use crate::broker::armed::Armed;
 use crate::broker::census::Census;
 use crate::broker::reading::{Broker, Depth, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
@@ -31,26 +33,40 @@ impl Broker for RedisBroker {
         in_flight: bool,
     ) -> Result<Option<Depth>> {
         // One command for the whole set, whatever its number of queues and priority steps.
-        let keys: Vec<String> = queues
-            .iter()
-            .flat_map(|queue| layout.ready_keys(queue))
-            .map(|(_, key)| key)
-            .collect();
-        let mut something = false;
+        let keys = ready_keys(layout, queues);
+        let mut existing = 0;
         if !keys.is_empty() {
             let mut pipe = redis::pipe();
             pipe.add_command(redis::cmd("EXISTS").arg(&keys).clone());
-            let (existing,): (u64,) = self.run(&pipe).await?;
-            something = existing > 0;
+            (existing,) = self.run(&pipe).await?;
         }
-        if !something && in_flight {
-            let counts = self.shared_unacked(layout).await?;
-            something = queues.iter().any(|q| counts.get(q).is_some_and(|&n| n > 0));
+        self.depth_if_found(layout, queues, in_flight, existing > 0)
+            .await
+    }
+
+    async fn depth_armed(
+        &self,
+        layout: &RedisLayout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<(Option<Depth>, Option<Armed>)> {
+        let keys = ready_keys(layout, queues);
+        match self.tracker.arm(self.master_client(), &keys).await {
+            // The arming read was the cheap look.
+            Ok(Some(arming)) => {
+                let depth = self
+                    .depth_if_found(layout, queues, in_flight, arming.existing > 0)
+                    .await?;
+                Ok((depth, Some(arming.armed)))
+            }
+            Ok(None) => Ok((self.depth_if_any(layout, queues, in_flight).await?, None)),
+            // The notification connection failed: this reading is polled (and fails too if the
+            // broker is down); the next one tries to arm again.
+            Err(e) => {
+                tracing::debug!(error = %e, "Arming failed; polling this time");
+                Ok((self.depth_if_any(layout, queues, in_flight).await?, None))
+            }
         }
-        if !something {
-            return Ok(None);
-        }
-        self.depth(layout, queues, in_flight).await.map(Some)
     }
 
     async fn depth(
@@ -117,7 +133,37 @@ impl Broker for RedisBroker {
     }
 }
 
+/// Every priority list of every queue of the set, as key names.
+fn ready_keys(layout: &RedisLayout, queues: &[String]) -> Vec<String> {
+    queues
+        .iter()
+        .flat_map(|queue| layout.ready_keys(queue))
+        .map(|(_, key)| key)
+        .collect()
+}
+
 impl RedisBroker {
+    /// After a cheap look at the lists (`lists_found`: some exist): `None` if nothing is ready
+    /// and (with `in_flight`) the shared `unacked` reading has nothing for the set, else the
+    /// full reading.
+    async fn depth_if_found(
+        &self,
+        layout: &RedisLayout,
+        queues: &[String],
+        in_flight: bool,
+        lists_found: bool,
+    ) -> Result<Option<Depth>> {
+        let mut something = lists_found;
+        if !something && in_flight {
+            let counts = self.shared_unacked(layout).await?;
+            something = queues.iter().any(|q| counts.get(q).is_some_and(|&n| n > 0));
+        }
+        if !something {
+            return Ok(None);
+        }
+        self.depth(layout, queues, in_flight).await.map(Some)
+    }
+
     /// The `unacked` hash routed to queues under `layout`: read once (`HVALS`, then the binding
     /// tables its entries name) for every idle poll on this broker within
     /// [`super::connection::UNACKED_SHARED_FOR`].

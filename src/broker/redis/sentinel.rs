@@ -54,7 +54,7 @@ impl CheckedSentinel {
         &self,
         config: &ConnectionManagerConfig,
         target: &RedisTarget,
-    ) -> Result<ConnectionManager> {
+    ) -> Result<(Client, ConnectionManager)> {
         let redacted = target.redacted();
         let text = |e: &RedisError| scrub(&e.to_string(), target.password.as_ref());
         let mut reasons = Vec::new();
@@ -75,7 +75,7 @@ impl CheckedSentinel {
             };
             self.check.admit(&node, &self.master, &m_host, m_port)?;
             match self.confirm(&m_host, m_port, config).await {
-                Ok(Some(manager)) => return Ok(manager),
+                Ok(Some(found)) => return Ok(found),
                 Ok(None) => reasons.push(format!(
                     "{}: reports `{}`, which is not a master",
                     shown(&node),
@@ -114,19 +114,19 @@ impl CheckedSentinel {
         Ok(read_answer(&fields))
     }
 
-    /// Connects to the admitted master and asks for its role: `Some` manager if it is the
-    /// master.
+    /// Connects to the admitted master and asks for its role: `Some` client and manager if it is
+    /// the master.
     async fn confirm(
         &self,
         host: &str,
         port: u16,
         config: &ConnectionManagerConfig,
-    ) -> redis::RedisResult<Option<ConnectionManager>> {
+    ) -> redis::RedisResult<Option<(Client, ConnectionManager)>> {
         let info = ConnectionAddr::Tcp(host.to_string(), port)
             .into_connection_info()?
             .set_redis_settings(self.redis.clone());
         let client = Client::open(info)?;
-        let mut manager = ConnectionManager::new_lazy_with_config(client, config.clone())?;
+        let mut manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
         let master = match redis::cmd("ROLE")
             .query_async::<redis::Role>(&mut manager)
             .await
@@ -143,7 +143,7 @@ impl CheckedSentinel {
             }
             Err(e) => return Err(e),
         };
-        Ok(master.then_some(manager))
+        Ok(master.then_some((client, manager)))
     }
 }
 
