@@ -303,7 +303,7 @@ impl Tracker {
 
     /// Records `mode`; true if it changed.
     fn set_mode(&self, mode: PushMode) -> bool {
-        let old = std::mem::replace(&mut lock(&self.state).mode, Some(mode));
+        let old = lock(&self.state).mode.replace(mode);
         self.settings.modes.moved(old, mode);
         old != Some(mode)
     }
@@ -339,7 +339,7 @@ fn refused_hello(err: &redis::RedisError) -> bool {
 /// Handles one push of connection `generation`.
 fn on_push(state: &Mutex<State>, generation: u64, push: PushInfo) {
     let mut state = lock(state);
-    if !state.live.as_ref().is_some_and(|(g, _)| *g == generation) {
+    if state.live.as_ref().is_none_or(|(g, _)| *g != generation) {
         return;
     }
     match push.kind {
