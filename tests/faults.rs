@@ -388,8 +388,9 @@ async fn redis_killed_and_restarted() {
     ]);
     let mut outage = Outage::open("redis", &scaler, census, polled).await;
     let clients = || async { redis_clients(&url).await.len() };
-    // One multiplexed connection per client (database): readings and census share it.
-    let before = outage.steady(&scaler, 2, clients).await;
+    // One multiplexed connection per client (database): readings and census share it; plus the
+    // change-notification (CLIENT TRACKING) connection of the client whose sets have streams.
+    let before = outage.steady(&scaler, 3, clients).await;
     let shown: Vec<String> = redis_clients(&url)
         .await
         .iter()
