@@ -52,14 +52,17 @@ impl Service {
             .map_err(Status::from)
     }
 
-    /// The depth of `trigger`'s queues, handed to the push streams watching them too.
+    /// The depth of `trigger`'s queues, handed to the push streams watching them too. Where a
+    /// stream's poll knows the ready sources are still empty (armed, nothing written since), they
+    /// are not read again.
     async fn depth(&self, trigger: &Trigger) -> Result<u64, Status> {
-        let depth = self
-            .core
-            .read(&trigger.query)
-            .await
-            .map(|d| d.total())
-            .map_err(Status::from)?;
+        let query = &trigger.query;
+        let reading = if self.hub.ready_known_empty(query) {
+            self.core.read_ready_empty(query).await
+        } else {
+            self.core.read(query).await
+        };
+        let depth = reading.map(|d| d.total()).map_err(Status::from)?;
         self.hub.offer(&trigger.query, depth);
         Ok(depth)
     }

@@ -9,7 +9,10 @@
 //! (at most once per fast interval), else at the fast interval. While every stream is active it
 //! reads at the slow `active` interval,
 //! and every reading an RPC makes for the same query (KEDA's own polls) is handed to the poll's
-//! streams, so the poll learns the set went idle as soon as KEDA does. A reading that fails
+//! streams, so the poll learns the set went idle as soon as KEDA does. While an armed set's
+//! latest reading is 0 and the broker has notified nothing since, the hub tells RPCs that the
+//! set's ready sources are known empty ([`Hub::ready_known_empty`]), so KEDA's own polls of an
+//! idle set do not read them either. A reading that fails
 //! permanently ([`Error::is_permanent`]: a tenancy refusal or bad metadata) ends the poll: its
 //! streams end with that error, and nothing polls for them.
 
@@ -22,7 +25,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Backend, DepthQuery};
+use crate::broker::{Backend, DepthQuery, Signal};
 use crate::error::Error;
 use crate::scaler::Core;
 
@@ -56,6 +59,9 @@ struct Poll {
     /// Woken when an RPC hands the poll a reading or a stream with a higher threshold joins, so
     /// it can switch to the fast interval.
     offered: Notify,
+    /// While the set is armed and its latest reading was 0: the arming's signal. Unfired, it
+    /// says the ready sources are still empty, so RPC readings of the query skip them.
+    quiet: Mutex<Option<Arc<Signal>>>,
 }
 
 impl Poll {
@@ -108,6 +114,7 @@ impl Hub {
             sender,
             threshold: AtomicU64::new(bits),
             offered: Notify::new(),
+            quiet: Mutex::new(None),
         });
         polls.insert(query.clone(), poll.clone());
         self.core.metrics().polls().inc();
@@ -138,6 +145,19 @@ impl Hub {
         }
     }
 
+    /// Whether a poll of `query` knows its ready sources are empty: its latest reading was 0 and
+    /// the broker has not notified a change since the set was armed. An RPC may then read only
+    /// the rest ([`Core::read_ready_empty`]).
+    pub fn ready_known_empty(&self, query: &DepthQuery) -> bool {
+        let polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(poll) = polls.get(query) else {
+            return false;
+        };
+        let zero = matches!(*poll.sender.borrow(), Some(Ok(0)));
+        let quiet = poll.quiet.lock().unwrap_or_else(|e| e.into_inner());
+        zero && quiet.as_ref().is_some_and(|s| !s.fired())
+    }
+
     /// Number of running polls.
     pub fn polls(&self) -> usize {
         self.polls.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -155,6 +175,7 @@ impl Hub {
             // An inactive set is read with the cheap look and armed where the broker notifies
             // changes; an active one is read in full (KEDA polls it too).
             let arm = !poll.all_active();
+            set_quiet(&poll, None);
             let read = async {
                 if arm {
                     self.core.read_armed(&query).await
@@ -170,6 +191,9 @@ impl Hub {
                 _ = poll.sender.closed() => (Err(Error::Internal(String::new())), None),
                 _ = self.shutdown.cancelled() => break,
             };
+            if let (Ok(0), Some(armed)) = (&reading, &armed) {
+                set_quiet(&poll, Some(armed.view()));
+            }
             let permanent = matches!(&reading, Err(e) if e.is_permanent());
             if poll.sender.receiver_count() > 0 {
                 poll.sender.send_replace(Some(reading));
@@ -229,4 +253,8 @@ impl Hub {
         }
         self.core.metrics().polls().dec();
     }
+}
+
+fn set_quiet(poll: &Poll, signal: Option<Arc<Signal>>) {
+    *poll.quiet.lock().unwrap_or_else(|e| e.into_inner()) = signal;
 }

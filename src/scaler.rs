@@ -54,6 +54,17 @@ pub const DEFAULT_RESULT_WINDOW: Duration = Duration::from_millis(250);
 /// Most distinct queries kept in the result window at once.
 const MAX_CACHED_QUERIES: u64 = 100_000;
 
+/// How a reading reaches the broker.
+enum Mode<'a> {
+    /// Every source read.
+    Full,
+    /// The cheap look first (the full reading only if it finds something), the set armed for
+    /// change notifications into the given slot where the broker gives them.
+    Armed(&'a mut Option<Armed>),
+    /// The ready sources known empty: only the rest is read.
+    ReadyEmpty,
+}
+
 /// Parses triggers and reads depths. Cheap to share behind an `Arc`.
 pub struct Core {
     env: BrokerEnv,
@@ -152,7 +163,7 @@ impl Core {
     /// broker does not answer within the deadline; never returns a depth for a failed reading.
     pub async fn read(&self, query: &DepthQuery) -> Result<Depth> {
         self.recent
-            .try_get_with_by_ref(query, self.read_broker(query, None))
+            .try_get_with_by_ref(query, self.read_broker(query, Mode::Full))
             .await
             .map_err(|e| (*e).clone())
     }
@@ -164,13 +175,23 @@ impl Core {
         self.read(query).await
     }
 
+    /// [`Core::read`] for a query whose ready sources a stream poll knows to be empty (armed, and
+    /// nothing written since): only the rest is read (on Redis the `unacked` share, itself
+    /// answered from its armed read), plus the census. Shares the result window with `read`.
+    pub async fn read_ready_empty(&self, query: &DepthQuery) -> Result<Depth> {
+        self.recent
+            .try_get_with_by_ref(query, self.read_broker(query, Mode::ReadyEmpty))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
     /// Reads the broker now, looking first as cheaply as the backend allows, with the set armed
     /// for change notifications where the broker gives them
     /// ([`crate::broker::Broker::depth_armed`]): the same depth as a full reading, for the stream
     /// polls of inactive sets. Bypasses the result window (and does not refresh it).
     pub async fn read_armed(&self, query: &DepthQuery) -> Result<(Depth, Option<Armed>)> {
         let mut armed = None;
-        let depth = self.read_broker(query, Some(&mut armed)).await?;
+        let depth = self.read_broker(query, Mode::Armed(&mut armed)).await?;
         Ok((depth, armed))
     }
 
@@ -185,22 +206,20 @@ impl Core {
         self.censuses.loops()
     }
 
-    /// The broker's depth (after a cheap look that may find nothing, and arming the set into
-    /// `armed`, if given), plus (with `scaleOnRunning`) the acknowledged running tasks of the
-    /// latest worker census.
-    async fn depth_with_running(
-        &self,
-        query: &DepthQuery,
-        armed: Option<&mut Option<Armed>>,
-    ) -> Result<Depth> {
+    /// The broker's depth as `mode` says, plus (with `scaleOnRunning`) the acknowledged running
+    /// tasks of the latest worker census.
+    async fn depth_with_running(&self, query: &DepthQuery, mode: Mode<'_>) -> Result<Depth> {
         let broker = async {
-            if let Some(armed) = armed {
-                let (depth, handle) = self.registry.depth_armed(query).await?;
-                *armed = handle;
-                Ok(depth.unwrap_or_else(|| Depth::zero(&query.queues)))
-            } else {
-                self.registry.depth(query).await
-            }
+            let depth = match mode {
+                Mode::Full => return self.registry.depth(query).await,
+                Mode::Armed(armed) => {
+                    let (depth, handle) = self.registry.depth_armed(query).await?;
+                    *armed = handle;
+                    depth
+                }
+                Mode::ReadyEmpty => self.registry.depth_ready_empty(query).await?,
+            };
+            Ok(depth.unwrap_or_else(|| Depth::zero(&query.queues)))
         };
         if !query.running || !query.backend.has_remote_control() {
             return broker.await;
@@ -232,14 +251,10 @@ impl Core {
     }
 
     /// One reading from the broker, bounded by the deadline, recorded in the metrics.
-    async fn read_broker(
-        &self,
-        query: &DepthQuery,
-        armed: Option<&mut Option<Armed>>,
-    ) -> Result<Depth> {
+    async fn read_broker(&self, query: &DepthQuery, mode: Mode<'_>) -> Result<Depth> {
         let kind = query.backend.kind();
         let started = Instant::now();
-        let reading = self.depth_with_running(query, armed);
+        let reading = self.depth_with_running(query, mode);
         let result = match tokio::time::timeout(self.deadline, reading).await {
             Ok(r) => r,
             Err(_) => Err(Error::DeadlineExceeded(format!(

@@ -831,7 +831,8 @@ async fn an_armed_idle_set_is_pushed_without_being_read() {
         .unwrap()
         .into_inner();
     one_tracking_client(&url).await;
-    wait_calls(&conn, "exists", 1).await;
+    // The arming reads: the lists, then the `unacked` hash.
+    wait_calls(&conn, "hvals", 1).await;
     assert_eq!(push_brokers(&scaler, "tracking", "none").await, Some(1.0));
     reset_command_calls(&mut conn).await;
     // Ten fast intervals: a polled set would have cost ten EXISTS.
@@ -1178,7 +1179,8 @@ async fn a_huge_armed_set_costs_nothing_while_idle() {
         .unwrap()
         .into_inner();
     one_tracking_client(&url).await;
-    wait_calls(&conn, "exists", 1).await;
+    // The arming reads: the lists, then the `unacked` hash.
+    wait_calls(&conn, "hvals", 1).await;
     reset_command_calls(&mut conn).await;
     let cpu_before = redis_cpu_seconds(&mut conn).await;
     let started = std::time::Instant::now();
@@ -1213,4 +1215,64 @@ async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> f64 
             matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.trim().parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// KEDA's own polls (`GetMetrics`, `IsActive`) of an armed idle set read none of its lists and
+/// not the `unacked` hash while Redis notifies nothing, and still count what is in flight: a
+/// message moved from the list into `unacked` the way kombu's worker does it, in two steps (the
+/// second one without a list write), is counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_polls_of_an_armed_idle_set_skip_its_lists() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("quiet");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&url).await;
+    let scaler = Scaler::start_with(BrokerEnv::default(), ServeSettingsExt::no_window()).await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&url).await;
+    wait_calls(&conn, "exists", 2).await; // the set's lists and the unacked hash
+    tokio::time::sleep(TICK).await;
+    reset_command_calls(&mut conn).await;
+    for _ in 0..5 {
+        assert_eq!(depth(&mut client, &m).await.unwrap(), 0);
+        assert!(!active(&mut client, &m).await.unwrap());
+    }
+    let polls = command_calls(&mut conn).await;
+    assert_eq!(
+        calls(&polls, "llen") + calls(&polls, "exists") + calls(&polls, "hvals"),
+        0,
+        "KEDA's polls of an armed idle set read nothing: {polls:?}"
+    );
+
+    // A real Celery message, taken by a "worker": the list write wakes the poll, which finds
+    // nothing and arms again; then the message lands in `unacked` (no list write).
+    CeleryConf::new(&url).publish(&q, &["--count", "1"]);
+    assert!(next_push(&mut stream, "the publish").await);
+    let body: String = redis::cmd("RPOP")
+        .arg(&q)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!active(&mut client, &m).await.unwrap());
+    let entry = format!("[{body}, \"\", \"{q}\"]");
+    let _: () = redis::cmd("HSET")
+        .arg("unacked")
+        .arg(unique("tag"))
+        .arg(&entry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 1);
+    assert!(active(&mut client, &m).await.unwrap());
+    scaler.stop().await;
 }

@@ -3,9 +3,30 @@
 //! client ends up in (notified, or polled and why), reported through a [`ModeSink`].
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+
+/// How a backend wakes an armed set: once fired, it stays fired (the set must be read again).
+#[derive(Default)]
+pub struct Signal {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    /// Marks the set changed and wakes its waiter (now, or at its next wait).
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether the set changed (or may have) since it was armed.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+}
 
 /// A set armed on its broker: [`Armed::changed`] returns once the broker reported a write to one
 /// of the set's sources, the notifications may have been lost (the connection that carries them
@@ -13,23 +34,37 @@ use tokio::sync::Notify;
 /// source that should have been notified. The poll then reads (and arms) again. Dropping the
 /// handle stops the notifications.
 pub struct Armed {
-    notify: Arc<Notify>,
+    signal: Arc<Signal>,
     /// Unregisters the set when the handle is dropped.
     _registration: Box<dyn Send + Sync>,
 }
 
 impl Armed {
-    /// A handle woken through `notify`, unregistered by dropping `registration`.
-    pub fn new(notify: Arc<Notify>, registration: Box<dyn Send + Sync>) -> Self {
+    /// A handle woken through `signal`, unregistered by dropping `registration`.
+    pub fn new(signal: Arc<Signal>, registration: Box<dyn Send + Sync>) -> Self {
         Armed {
-            notify,
+            signal,
             _registration: registration,
         }
     }
 
-    /// Waits for the next change (a wake-up that came before this call is not lost).
+    /// Waits for the next change (a change that came before this call is not lost).
     pub async fn changed(&self) {
-        self.notify.notified().await
+        if !self.signal.fired() {
+            self.signal.notify.notified().await
+        }
+    }
+
+    /// True while nothing changed since the arming read: what it found still holds.
+    pub fn quiet(&self) -> bool {
+        !self.signal.fired()
+    }
+
+    /// A view of [`Armed::quiet`] that others can hold while this handle lives (the
+    /// registration stays with the handle: once it is dropped, the view is no longer woken and
+    /// must not be trusted).
+    pub fn view(&self) -> Arc<Signal> {
+        self.signal.clone()
     }
 }
 

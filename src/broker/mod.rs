@@ -15,7 +15,7 @@ pub mod registry;
 pub mod sqs;
 pub mod url;
 
-pub use self::armed::{Armed, ModeSink, PollReason, PushMode};
+pub use self::armed::{Armed, ModeSink, PollReason, PushMode, Signal};
 pub use self::hosts::{Contact, HostField, Unresolved};
 pub use self::query::{Backend, DepthQuery};
 pub use self::reading::{

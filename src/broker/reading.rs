@@ -125,6 +125,19 @@ pub trait Broker: Send + Sync + 'static {
         Ok((self.depth_if_any(layout, queues, in_flight).await?, None))
     }
 
+    /// The reading when the ready sources are known to be empty (an armed set that nothing
+    /// wrote since its arming read found them empty): only what is not armed is read (on Redis
+    /// the `unacked` share; the ready lists are not touched). `None` if that is empty too. The
+    /// default reads everything, as [`Broker::depth_if_any`].
+    async fn depth_ready_empty(
+        &self,
+        layout: &Self::Layout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Option<Depth>> {
+        self.depth_if_any(layout, queues, in_flight).await
+    }
+
     /// Asks the workers what they are running (Celery remote control), collecting replies for
     /// up to `window`. `None` when the broker has no worker remote control (SQS). No worker
     /// answering is an empty census, not an error.

@@ -105,6 +105,29 @@ impl Registry {
         }
     }
 
+    /// The reading of `query` when its ready sources are known to be empty
+    /// ([`Broker::depth_ready_empty`]).
+    pub async fn depth_ready_empty(&self, query: &DepthQuery) -> Result<Option<Depth>> {
+        let (queues, in_flight) = (&query.queues, query.in_flight);
+        match &query.backend {
+            Backend::Redis { target, layout } => {
+                self.redis_client(target)?
+                    .depth_ready_empty(layout, queues, in_flight)
+                    .await
+            }
+            Backend::RabbitMq { target, layout } => {
+                self.rabbitmq_client(target)?
+                    .depth_ready_empty(layout, queues, in_flight)
+                    .await
+            }
+            Backend::Sqs { target, layout } => {
+                self.sqs_client(target)?
+                    .depth_ready_empty(layout, queues, in_flight)
+                    .await
+            }
+        }
+    }
+
     /// A worker census on `backend`'s broker, collecting replies for up to `window`.
     pub async fn census(&self, backend: &Backend, window: Duration) -> Result<Option<Census>> {
         match backend {

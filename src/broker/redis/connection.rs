@@ -16,6 +16,7 @@ use super::layout::{Binding, RedisLayout};
 use super::sentinel;
 use super::target::{RedisAddr, RedisTarget};
 use super::tracking::Tracker;
+use crate::broker::armed::Armed;
 use crate::broker::reading::ClientSettings;
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -53,9 +54,15 @@ pub struct RedisBroker {
     /// is one per database, so reading it once per set and tick would multiply its cost by the
     /// number of sets.
     pub(super) unacked: moka::future::Cache<RedisLayout, Arc<HashMap<String, u64>>>,
+    /// The routed `unacked` counts of the last read made with the hash armed, per layout: they
+    /// answer until Redis says the hash changed (one entry per key layout in use).
+    pub(super) unacked_armed: std::sync::Mutex<HashMap<RedisLayout, ArmedCounts>>,
     /// Change notifications for the idle sets on this broker.
     pub(super) tracker: Tracker,
 }
+
+/// Routed `unacked` counts per queue, and the arming that says whether they still hold.
+pub(super) type ArmedCounts = (Arc<HashMap<String, u64>>, Armed);
 
 /// How long one read of the `unacked` hash answers the idle polls of every set on the broker:
 /// at most one `HVALS` per layout per 100 ms, whatever the number of sets. A message that moves
@@ -138,6 +145,7 @@ impl RedisBroker {
             source,
             config,
             tracker,
+            unacked_armed: std::sync::Mutex::new(HashMap::new()),
             unacked: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(UNACKED_SHARED_FOR)

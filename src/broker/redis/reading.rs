@@ -69,6 +69,15 @@ impl Broker for RedisBroker {
         }
     }
 
+    async fn depth_ready_empty(
+        &self,
+        layout: &RedisLayout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Option<Depth>> {
+        self.depth_if_found(layout, queues, in_flight, false).await
+    }
+
     async fn depth(
         &self,
         layout: &RedisLayout,
@@ -166,22 +175,50 @@ impl RedisBroker {
 
     /// The `unacked` hash routed to queues under `layout`: read once (`HVALS`, then the binding
     /// tables its entries name) for every idle poll on this broker within
-    /// [`super::connection::UNACKED_SHARED_FOR`].
+    /// [`super::connection::UNACKED_SHARED_FOR`]; with change notifications, the hash is armed
+    /// before it is read, and the routed counts answer until Redis says it changed.
     async fn shared_unacked(&self, layout: &RedisLayout) -> Result<Arc<HashMap<String, u64>>> {
+        if let Some(counts) = self.quiet_unacked(layout) {
+            return Ok(counts);
+        }
         self.unacked
             .try_get_with_by_ref(layout, async {
+                // Armed first: a write racing the read below fires the arming.
+                let key = [layout.unacked_key()];
+                let arming = self
+                    .tracker
+                    .arm(self.master_client(), &key)
+                    .await
+                    .ok()
+                    .flatten();
                 let mut pipe = redis::pipe();
                 pipe.hvals(layout.unacked_key());
                 let (values,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
-                let counts = if values.is_empty() {
+                let counts = Arc::new(if values.is_empty() {
                     HashMap::new()
                 } else {
                     self.count_unacked(layout, &values).await?
-                };
-                Ok::<_, Error>(Arc::new(counts))
+                });
+                if let Some(arming) = arming {
+                    self.unacked_armed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(layout.clone(), (counts.clone(), arming.armed));
+                }
+                Ok::<_, Error>(counts)
             })
             .await
             .map_err(|e| (*e).clone())
+    }
+
+    /// The routed `unacked` counts of the last armed read, if Redis has not said the hash changed
+    /// since.
+    fn quiet_unacked(&self, layout: &RedisLayout) -> Option<Arc<HashMap<String, u64>>> {
+        let armed = self.unacked_armed.lock().unwrap_or_else(|e| e.into_inner());
+        armed
+            .get(layout)
+            .filter(|(_, armed)| armed.quiet())
+            .map(|(counts, _)| counts.clone())
     }
 
     /// Routes each unacked entry to its queue(s) through the exchanges' binding tables, as kombu

@@ -24,13 +24,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::Notify;
-
-use crate::broker::armed::{Armed, PollReason, PushMode};
+use crate::broker::armed::{Armed, PollReason, PushMode, Signal};
 use crate::broker::reading::NotifySettings;
 use crate::error::{Error, Result};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, Value};
 
 /// How long a broker that refused notifications is polled before it is asked again (an ACL or
 /// a server upgrade may have changed meanwhile).
@@ -41,7 +39,7 @@ const SAFETY_KEYS_PER_COMMAND: usize = 16_384;
 
 /// One armed set.
 struct Watcher {
-    notify: Arc<Notify>,
+    signal: Arc<Signal>,
     keys: Vec<Vec<u8>>,
     /// Its arming read found none of its keys: the safety read covers it.
     empty: bool,
@@ -64,7 +62,7 @@ struct State {
 impl State {
     fn wake_all(&self) {
         for set in self.sets.values() {
-            set.notify.notify_one();
+            set.signal.fire();
         }
     }
 
@@ -74,7 +72,7 @@ impl State {
             for id in self.by_key.get(key).into_iter().flatten() {
                 if woken.insert(*id) {
                     if let Some(set) = self.sets.get(id) {
-                        set.notify.notify_one();
+                        set.signal.fire();
                     }
                 }
             }
@@ -172,7 +170,7 @@ impl Tracker {
         let Some((generation, mut conn)) = self.connection(client).await? else {
             return Ok(None);
         };
-        let notify = Arc::new(Notify::new());
+        let signal = Arc::new(Signal::default());
         let id = {
             let mut state = lock(&self.state);
             let id = state.next_id;
@@ -184,7 +182,7 @@ impl Tracker {
             state.sets.insert(
                 id,
                 Watcher {
-                    notify: notify.clone(),
+                    signal: signal.clone(),
                     keys,
                     empty: false,
                 },
@@ -206,7 +204,7 @@ impl Tracker {
             set.empty = existing == 0;
         }
         Ok(Some(Arming {
-            armed: Armed::new(notify, Box::new(registration)),
+            armed: Armed::new(signal, Box::new(registration)),
             existing,
         }))
     }
@@ -384,7 +382,7 @@ async fn sweep(state: Weak<Mutex<State>>, interval: Duration, timeout: Duration)
                     keys.extend(set.keys.iter().cloned());
                     empty.push(*id);
                 } else {
-                    set.notify.notify_one();
+                    set.signal.fire();
                 }
             }
             (
@@ -411,7 +409,7 @@ async fn sweep(state: Weak<Mutex<State>>, interval: Duration, timeout: Duration)
             let s = lock(&state);
             for id in empty {
                 if let Some(set) = s.sets.get(&id) {
-                    set.notify.notify_one();
+                    set.signal.fire();
                 }
             }
         }
