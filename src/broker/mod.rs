@@ -5,6 +5,7 @@
 //! This file only names the parts: nothing below imports it.
 
 pub mod census;
+pub mod failover;
 pub mod hosts;
 pub mod query;
 pub mod rabbitmq;

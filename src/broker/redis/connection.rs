@@ -15,6 +15,7 @@ use super::error::convert;
 use super::layout::{Binding, RedisLayout};
 use super::sentinel;
 use super::target::{RedisAddr, RedisTarget};
+use crate::broker::failover::{did_not_answer, none_answered, share, Rotation};
 use crate::broker::reading::ClientSettings;
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -28,6 +29,12 @@ enum Source {
     Sentinel {
         lookup: MasterLookup,
         current: Mutex<Option<ConnectionManager>>,
+    },
+    /// A `;`-separated failover list: one self-reconnecting connection per host, tried in
+    /// kombu's order from the host that answered last.
+    Failover {
+        hosts: Vec<ConnectionManager>,
+        rotation: Rotation,
     },
 }
 
@@ -119,6 +126,28 @@ impl RedisBroker {
                     current: Mutex::new(None),
                 }
             }
+            RedisAddr::Failover { hosts, .. } => {
+                // Each host gets an equal share of the deadline, so a reading that moves on
+                // from a silent host still answers in time.
+                let each = share(settings.timeout, hosts.len());
+                let host_config = config
+                    .clone()
+                    .set_connection_timeout(Some(each))
+                    .set_response_timeout(Some(each));
+                let mut managers = Vec::with_capacity(hosts.len());
+                for i in 0..hosts.len() {
+                    let shown = target.redacted_host(i);
+                    let client = build_client(&target.host_addr(i), redis_info.clone(), &shown)?;
+                    managers.push(
+                        ConnectionManager::new_lazy_with_config(client, host_config.clone())
+                            .map_err(|e| convert(&shown, &target, e))?,
+                    );
+                }
+                Source::Failover {
+                    rotation: Rotation::new(managers.len()),
+                    hosts: managers,
+                }
+            }
             addr => {
                 let client = build_client(addr, redis_info, &redacted)?;
                 Source::Direct(
@@ -141,6 +170,12 @@ impl RedisBroker {
     async fn connection(&self) -> Result<ConnectionManager> {
         let (lookup, current) = match &self.source {
             Source::Direct(manager) => return Ok(manager.clone()),
+            Source::Failover { hosts, rotation } => {
+                return hosts
+                    .get(rotation.current())
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("empty failover list".into()))
+            }
             Source::Sentinel { lookup, current } => (lookup, current),
         };
         let mut current = current.lock().await;
@@ -173,6 +208,17 @@ impl RedisBroker {
         }
     }
 
+    /// The host of a failover list that answered last, as a URL for people; `None` for a
+    /// single host.
+    pub(super) fn answered_by(&self) -> Option<String> {
+        match &self.source {
+            Source::Failover { rotation, .. } => {
+                Some(self.target.redacted_host(rotation.current()))
+            }
+            _ => None,
+        }
+    }
+
     pub(super) fn unexpected(&self, err: impl std::fmt::Display) -> Error {
         Error::Internal(format!(
             "Redis broker {}: unexpected reply: {}",
@@ -186,6 +232,9 @@ impl RedisBroker {
     }
 
     pub(super) async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        if let Source::Failover { hosts, rotation } = &self.source {
+            return self.run_failover(hosts, rotation, pipe).await;
+        }
         // The manager answers with the outcome of its last reconnect attempt and only then starts
         // a new one. A refusal can be that stale outcome from while the server was down (nothing
         // was sent), so one retry waits for the fresh attempt: without it the first reading after
@@ -206,6 +255,43 @@ impl RedisBroker {
             }
         }
     }
+
+    /// kombu's failover: from the host that answered last, each host once, in the list's order;
+    /// the first that answers (even with an error of its own) serves the reading and the next
+    /// reading starts from it.
+    async fn run_failover<T: redis::FromRedisValue>(
+        &self,
+        hosts: &[ConnectionManager],
+        rotation: &Rotation,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        let mut errors = Vec::new();
+        for i in rotation.order() {
+            let Some(mut conn) = hosts.get(i).cloned() else {
+                continue;
+            };
+            // One retry after a refusal, for the same stale-outcome reason as above.
+            let mut outcome = pipe.query_async(&mut conn).await;
+            if matches!(&outcome, Err(e) if e.is_connection_refusal()) {
+                outcome = pipe.query_async(&mut conn).await;
+            }
+            match outcome {
+                Ok(v) => {
+                    rotation.answered(i);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let err = convert(&self.target.redacted_host(i), &self.target, e);
+                    if !did_not_answer(&err) {
+                        rotation.answered(i);
+                        return Err(err);
+                    }
+                    errors.push(err);
+                }
+            }
+        }
+        Err(none_answered(errors))
+    }
 }
 
 fn build_client(
@@ -223,8 +309,10 @@ fn build_client(
             tls_params: None,
         },
         RedisAddr::Unix { path } => ConnectionAddr::Unix(path.clone()),
-        RedisAddr::Sentinel { .. } => {
-            unreachable!("sentinel targets are built by RedisBroker::new")
+        RedisAddr::Sentinel { .. } | RedisAddr::Failover { .. } => {
+            return Err(unavailable(
+                "a Sentinel or failover list is not one address".into(),
+            ))
         }
     };
     let info: ConnectionInfo = conn_addr

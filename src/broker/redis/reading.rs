@@ -113,6 +113,7 @@ impl Broker for RedisBroker {
         Ok(Depth {
             queues: depths,
             unresolved: Vec::new(),
+            answered_by: self.answered_by(),
         })
     }
 }

@@ -1,11 +1,13 @@
 //! Amazon SQS broker URLs as Celery accepts them (`sqs://`, `sqs://KEY:SECRET@`, `sqs://host:port`),
 //! and kombu's translation of Celery queue names into SQS queue names.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use url::Url;
 
+use super::predefined::{self, PredefinedQueue};
 use crate::broker::hosts::{pin_url, Contact, HostField};
 use crate::error::{Error, Result};
 use crate::secret::{at_after_host, decode, misread_char, redact_url, Secret, AT_AFTER_HOST};
@@ -15,6 +17,26 @@ use crate::secret::{at_after_host, decode, misread_char, redact_url, Secret, AT_
 pub struct SqsLayout {
     /// kombu's `queue_name_prefix`.
     pub queue_name_prefix: String,
+    /// kombu's `predefined_queues` for the trigger's queues, by Celery queue name: each read at
+    /// its URL. Empty: queues are found by name (`GetQueueUrl`).
+    pub predefined: BTreeMap<String, PredefinedQueue>,
+}
+
+impl SqsLayout {
+    /// The hosts of the predefined queues' URLs.
+    pub fn contacts(&self) -> Vec<Contact> {
+        predefined::contacts(&self.predefined)
+    }
+
+    /// Puts the checked `addr` in place of the host of predefined queue `i`'s URL.
+    pub fn pin(&mut self, i: usize, addr: IpAddr) {
+        predefined::pin(&mut self.predefined, i, addr);
+    }
+
+    /// Whether some queue is read with the broker URL's keys (none of its own).
+    pub fn uses_broker_keys(&self) -> bool {
+        self.predefined.is_empty() || self.predefined.values().any(|q| q.access_key.is_none())
+    }
 }
 
 /// One SQS client: region, endpoint and credentials. Equal targets share a client.
