@@ -190,14 +190,16 @@ pub fn create_sqs_queue(name: &str, keys: Option<(&str, &str)>) -> String {
 /// (ApproximateNumberOfMessages, ApproximateNumberOfMessagesNotVisible) of the queue at `url`,
 /// read with `keys`; `None` when the server refuses (no such queue for those keys).
 pub fn sqs_attributes_at(url: &str, keys: (&str, &str)) -> Option<(u64, u64)> {
-    let script = "import sys, boto3\n\
-        c = boto3.client('sqs', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
-            aws_access_key_id=sys.argv[3], aws_secret_access_key=sys.argv[4])\n\
-        try:\n\
-            a = c.get_queue_attributes(QueueUrl=sys.argv[2], AttributeNames=['All'])['Attributes']\n\
-            print(a['ApproximateNumberOfMessages'], a['ApproximateNumberOfMessagesNotVisible'])\n\
-        except c.exceptions.QueueDoesNotExist:\n\
-            print('missing')\n";
+    let script = r#"
+import sys, boto3
+c = boto3.client('sqs', endpoint_url=sys.argv[1], region_name='us-east-1',
+    aws_access_key_id=sys.argv[3], aws_secret_access_key=sys.argv[4])
+try:
+    a = c.get_queue_attributes(QueueUrl=sys.argv[2], AttributeNames=['All'])['Attributes']
+    print(a['ApproximateNumberOfMessages'], a['ApproximateNumberOfMessagesNotVisible'])
+except c.exceptions.QueueDoesNotExist:
+    print('missing')
+"#;
     let out = boto3_on_suite_moto(script, &[url, keys.0, keys.1]);
     let (a, b) = out.split_once(' ')?;
     Some((a.parse().ok()?, b.parse().ok()?))

@@ -15,7 +15,8 @@ use aws_sdk_sqs::Client;
 use tokio::sync::OnceCell;
 
 use super::predefined::PredefinedQueue;
-use super::target::{sqs_queue_name, SqsLayout, SqsTarget};
+use super::names::sqs_queue_name;
+use super::target::{SqsLayout, SqsTarget};
 use crate::broker::census::Census;
 use crate::broker::reading::{Broker, ClientSettings, Depth, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};

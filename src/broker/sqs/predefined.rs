@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use url::Url;
 
-use super::target::{parse_region, sqs_queue_name};
+use super::names::{parse_region, sqs_queue_name};
 use crate::broker::hosts::{pin_url, Contact, HostField};
 use crate::error::{Error, Result};
 use crate::secret::{misread_char, redact_url, shown, Secret};
