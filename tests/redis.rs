@@ -783,7 +783,11 @@ async fn failover_list_reads_the_host_that_answers() {
     };
     let scaler = Scaler::start_with(Default::default(), settings).await;
     let mut client = scaler.client().await;
-    let m = meta(&[("brokerUrl", &list), ("queues", &q), ("scaleOnRunning", "false")]);
+    let m = meta(&[
+        ("brokerUrl", &list),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
     assert_eq!(depth(&mut client, &m).await.unwrap(), 6);
     assert!(active(&mut client, &m).await.unwrap());
     assert_eq!(first.accepted.load(SeqCst), 0);

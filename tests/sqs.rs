@@ -264,16 +264,21 @@ async fn predefined_queues_are_read_at_their_urls() {
     scaler.stop().await;
 
     // The same map in a named broker's configuration.
-    let env = celery_keda_scaler::broker_env::BrokerEnv::from_vars(
-        [
-            ("CELERY_KEDA_BROKER_JOBS".to_string(), sqs_broker_url()),
-            ("CELERY_KEDA_PREDEFINED_QUEUES_JOBS".to_string(), map.clone()),
-        ],
-    )
+    let env = celery_keda_scaler::broker_env::BrokerEnv::from_vars([
+        ("CELERY_KEDA_BROKER_JOBS".to_string(), sqs_broker_url()),
+        (
+            "CELERY_KEDA_PREDEFINED_QUEUES_JOBS".to_string(),
+            map.clone(),
+        ),
+    ])
     .unwrap();
     let scaler = Scaler::start_with(env, ServeSettings::default()).await;
     let mut client = scaler.client().await;
-    let named = meta(&[("broker", "jobs"), ("awsRegion", "us-east-1"), ("queues", &all)]);
+    let named = meta(&[
+        ("broker", "jobs"),
+        ("awsRegion", "us-east-1"),
+        ("queues", &all),
+    ]);
     assert_eq!(depth(&mut client, &named).await.unwrap(), 9);
     scaler.stop().await;
 }

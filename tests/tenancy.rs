@@ -1120,7 +1120,8 @@ async fn every_host_of_a_failover_list_and_predefined_queue_url_is_checked() {
             meta(&[
                 (
                     "brokerUrl",
-                    &format!("{redis_list};redis://:RedisPw78@127.0.0.1:{rp}/0"),
+                    &format!("{redis_list};redis://127.0.0.1:{rp}/0")
+                        .replace("redis://", "redis://:RedisPw78@"),
                 ),
                 ("queues", &q),
                 no_run,
@@ -1141,7 +1142,10 @@ async fn every_host_of_a_failover_list_and_predefined_queue_url_is_checked() {
                 ("queues", &rq),
                 no_run,
             ]),
-            vec!["`brokerUrlFromEnv`".into(), format!("`127.0.0.2:{amqp_port}`")],
+            vec![
+                "`brokerUrlFromEnv`".into(),
+                format!("`127.0.0.2:{amqp_port}`"),
+            ],
             "AmqpPw89",
         ),
         (

@@ -110,9 +110,6 @@ mod tests {
             Error::DeadlineExceeded("b silent".into()),
         ]);
         assert!(matches!(&e, Error::DeadlineExceeded(m) if m.contains("a refused; b silent")));
-        assert_eq!(
-            share(Duration::from_secs(2), 2),
-            Duration::from_secs(1)
-        );
+        assert_eq!(share(Duration::from_secs(2), 2), Duration::from_secs(1));
     }
 }

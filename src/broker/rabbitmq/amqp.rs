@@ -161,7 +161,9 @@ impl RabbitBroker {
             amqp.connection = Some(self.connect_first_answering().await?);
         }
         let Some(connection) = amqp.connection.as_ref() else {
-            return Err(Error::Internal("no AMQP connection after connecting".into()));
+            return Err(Error::Internal(
+                "no AMQP connection after connecting".into(),
+            ));
         };
         let channel = connection
             .create_channel()
@@ -200,7 +202,15 @@ impl RabbitBroker {
         let each = share(self.timeout, self.target.hosts.len());
         let mut errors = Vec::new();
         for i in self.rotation.order() {
-            match self.connect(i, each).await {
+            // Connect and handshake together within the host's share.
+            let attempt = match tokio::time::timeout(each, self.connect(i, each)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::DeadlineExceeded(format!(
+                    "RabbitMQ broker {}: no AMQP connection within {each:?}",
+                    self.target.redacted_host(i)
+                ))),
+            };
+            match attempt {
                 Ok(connection) => {
                     self.rotation.answered(i);
                     return Ok(connection);
@@ -215,7 +225,8 @@ impl RabbitBroker {
         Err(none_answered(errors))
     }
 
-    /// A new connection to host `i` of the list, set up within `timeout`.
+    /// A new connection to host `i` of the list (`timeout`: its TCP connect timeout; the caller
+    /// bounds the whole).
     async fn connect(&self, i: usize, timeout: Duration) -> Result<Connection> {
         let fail = |e: lapin::Error| self.convert_at(i, e, Stage::Connect);
         let runtime = lapin::runtime::default_runtime().map_err(fail)?;
@@ -248,18 +259,9 @@ impl RabbitBroker {
                 .take()
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected).into())
         };
-        let handshake = Connection::connector(uri, runtime, connect, props);
-        // The handshake of a host of a list is bounded by its share too, so a silent host
-        // leaves time for the next one.
-        let connection = match tokio::time::timeout(timeout, handshake).await {
-            Ok(result) => result.map_err(fail)?,
-            Err(_) => {
-                return Err(Error::DeadlineExceeded(format!(
-                    "RabbitMQ broker {}: no answer to the AMQP handshake within {timeout:?}",
-                    self.target.redacted_host(i)
-                )))
-            }
-        };
+        let connection = Connection::connector(uri, runtime, connect, props)
+            .await
+            .map_err(fail)?;
         abandoned.0 = None;
         Ok(connection)
     }

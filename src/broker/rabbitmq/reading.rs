@@ -63,10 +63,8 @@ impl RabbitBroker {
         };
         let unacked = async {
             if in_flight {
-                futures::future::try_join_all(
-                    queues.iter().map(|q| self.unacked(management, q)),
-                )
-                .await
+                futures::future::try_join_all(queues.iter().map(|q| self.unacked(management, q)))
+                    .await
             } else {
                 Ok(vec![0; queues.len()])
             }

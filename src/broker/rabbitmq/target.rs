@@ -245,7 +245,11 @@ impl RabbitTarget {
             )),
             ManagementApi::Derived(list) => {
                 contacts.extend(list.iter().enumerate().map(|(i, m)| {
-                    Contact::of_url(HostField::DerivedManagement(i), Some(&m.base), m.base.as_str())
+                    Contact::of_url(
+                        HostField::DerivedManagement(i),
+                        Some(&m.base),
+                        m.base.as_str(),
+                    )
                 }))
             }
         }
@@ -412,10 +416,7 @@ mod tests {
     #[test]
     fn celery_urls() {
         let t = parse("amqp://guest:guest@localhost:5672//");
-        assert_eq!(
-            (t.host(0), t.vhost.as_str()),
-            (("localhost", 5672), "/")
-        );
+        assert_eq!((t.host(0), t.vhost.as_str()), (("localhost", 5672), "/"));
         assert_eq!(parse("amqp://u:p@h/%2F").vhost, "/");
         assert_eq!(parse("amqp://u:p@h/").vhost, "/");
         assert_eq!(parse("amqp://u:p@h").vhost, "/");
@@ -464,7 +465,10 @@ mod tests {
             t.hosts,
             [("r1".to_string(), 5673), ("r2".to_string(), 5672)]
         );
-        assert_eq!(t.redacted(), "amqp://u:***@r1:5673/v;amqp://u:***@r2:5672/v");
+        assert_eq!(
+            t.redacted(),
+            "amqp://u:***@r1:5673/v;amqp://u:***@r2:5672/v"
+        );
         let mut layout = RabbitLayout {
             management: t.derived_management().unwrap(),
         };
@@ -483,7 +487,11 @@ mod tests {
             ]
         );
         let mut pinned = t.clone();
-        pinned.pin(&mut layout, &HostField::Broker(1), "10.0.0.2".parse().unwrap());
+        pinned.pin(
+            &mut layout,
+            &HostField::Broker(1),
+            "10.0.0.2".parse().unwrap(),
+        );
         pinned.pin(
             &mut layout,
             &HostField::DerivedManagement(1),

@@ -35,6 +35,9 @@ enum Source {
     Failover {
         hosts: Vec<ConnectionManager>,
         rotation: Rotation,
+        /// Each host's share of the deadline: a host's attempt (connect, retry, answer) ends
+        /// within it.
+        each: Duration,
     },
 }
 
@@ -130,10 +133,12 @@ impl RedisBroker {
                 // Each host gets an equal share of the deadline, so a reading that moves on
                 // from a silent host still answers in time.
                 let each = share(settings.timeout, hosts.len());
+                // No retry inside a host: the next host is the retry.
                 let host_config = config
                     .clone()
                     .set_connection_timeout(Some(each))
-                    .set_response_timeout(Some(each));
+                    .set_response_timeout(Some(each))
+                    .set_number_of_retries(0);
                 let mut managers = Vec::with_capacity(hosts.len());
                 for i in 0..hosts.len() {
                     let shown = target.redacted_host(i);
@@ -146,6 +151,7 @@ impl RedisBroker {
                 Source::Failover {
                     rotation: Rotation::new(managers.len()),
                     hosts: managers,
+                    each,
                 }
             }
             addr => {
@@ -170,7 +176,9 @@ impl RedisBroker {
     async fn connection(&self) -> Result<ConnectionManager> {
         let (lookup, current) = match &self.source {
             Source::Direct(manager) => return Ok(manager.clone()),
-            Source::Failover { hosts, rotation } => {
+            Source::Failover {
+                hosts, rotation, ..
+            } => {
                 return hosts
                     .get(rotation.current())
                     .cloned()
@@ -232,8 +240,13 @@ impl RedisBroker {
     }
 
     pub(super) async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
-        if let Source::Failover { hosts, rotation } = &self.source {
-            return self.run_failover(hosts, rotation, pipe).await;
+        if let Source::Failover {
+            hosts,
+            rotation,
+            each,
+        } = &self.source
+        {
+            return self.run_failover(hosts, rotation, *each, pipe).await;
         }
         // The manager answers with the outcome of its last reconnect attempt and only then starts
         // a new one. A refusal can be that stale outcome from while the server was down (nothing
@@ -263,6 +276,7 @@ impl RedisBroker {
         &self,
         hosts: &[ConnectionManager],
         rotation: &Rotation,
+        each: Duration,
         pipe: &redis::Pipeline,
     ) -> Result<T> {
         let mut errors = Vec::new();
@@ -270,11 +284,24 @@ impl RedisBroker {
             let Some(mut conn) = hosts.get(i).cloned() else {
                 continue;
             };
-            // One retry after a refusal, for the same stale-outcome reason as above.
-            let mut outcome = pipe.query_async(&mut conn).await;
-            if matches!(&outcome, Err(e) if e.is_connection_refusal()) {
-                outcome = pipe.query_async(&mut conn).await;
-            }
+            let attempt = async {
+                // One retry after a refusal, for the same stale-outcome reason as above.
+                let outcome = pipe.query_async(&mut conn).await;
+                if matches!(&outcome, Err(e) if e.is_connection_refusal()) {
+                    return pipe.query_async(&mut conn).await;
+                }
+                outcome
+            };
+            let outcome = match tokio::time::timeout(each, attempt).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    errors.push(Error::DeadlineExceeded(format!(
+                        "Redis broker {}: no answer within {each:?}",
+                        self.target.redacted_host(i)
+                    )));
+                    continue;
+                }
+            };
             match outcome {
                 Ok(v) => {
                     rotation.answered(i);

@@ -14,8 +14,8 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use tokio::sync::OnceCell;
 
-use super::predefined::PredefinedQueue;
 use super::names::sqs_queue_name;
+use super::predefined::PredefinedQueue;
 use super::target::{SqsLayout, SqsTarget};
 use crate::broker::census::Census;
 use crate::broker::reading::{Broker, ClientSettings, Depth, QueueDepth, ReadyPart};
@@ -200,7 +200,12 @@ impl SqsBroker {
         let (target, sqs, url, predefined) = match layout.predefined.get(celery) {
             Some(q) => {
                 let name = q.url.trim_end_matches('/').rsplit('/').next().unwrap_or("");
-                (self.predefined_target(q), name.to_string(), q.url.clone(), true)
+                (
+                    self.predefined_target(q),
+                    name.to_string(),
+                    q.url.clone(),
+                    true,
+                )
             }
             None => {
                 let sqs = sqs_queue_name(&layout.queue_name_prefix, celery);
@@ -271,12 +276,9 @@ impl Broker for SqsBroker {
     type Layout = SqsLayout;
 
     async fn depth(&self, layout: &SqsLayout, queues: &[String], in_flight: bool) -> Result<Depth> {
-        let queues = futures::future::try_join_all(
-            queues
-                .iter()
-                .map(|q| self.read(layout, q, in_flight)),
-        )
-        .await?;
+        let queues =
+            futures::future::try_join_all(queues.iter().map(|q| self.read(layout, q, in_flight)))
+                .await?;
         Ok(Depth {
             queues,
             unresolved: Vec::new(),

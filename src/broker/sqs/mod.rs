@@ -12,6 +12,6 @@ mod predefined;
 mod target;
 
 pub use client::{SqsBroker, DEFAULT_REGION};
-pub use predefined::{parse_predefined, select_predefined, PredefinedQueue, PredefinedQueues};
 pub use names::{parse_region, sqs_queue_name};
+pub use predefined::{parse_predefined, select_predefined, PredefinedQueue, PredefinedQueues};
 pub use target::{parse_endpoint, SqsLayout, SqsTarget};

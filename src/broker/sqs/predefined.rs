@@ -298,8 +298,14 @@ mod tests {
 
     #[test]
     fn regions_of_aws_hosts() {
-        assert_eq!(region_of_host("sqs.us-west-2.amazonaws.com").as_deref(), Some("us-west-2"));
-        assert_eq!(region_of_host("eu-west-1.queue.amazonaws.com").as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            region_of_host("sqs.us-west-2.amazonaws.com").as_deref(),
+            Some("us-west-2")
+        );
+        assert_eq!(
+            region_of_host("eu-west-1.queue.amazonaws.com").as_deref(),
+            Some("eu-west-1")
+        );
         assert_eq!(
             region_of_host("vpce-1a2b.sqs.ap-south-1.vpce.amazonaws.com").as_deref(),
             Some("ap-south-1")

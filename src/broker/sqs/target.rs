@@ -221,5 +221,4 @@ mod tests {
             assert!(!e.to_string().contains("PwaAA0aA0A"), "{e}");
         }
     }
-
 }
