@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::allowlist::NamespaceList;
+use crate::broker::sqs::{parse_predefined, PredefinedQueues};
 use crate::broker::BrokerTarget;
 use crate::error::{Error, Result};
 
@@ -11,6 +12,11 @@ use crate::error::{Error, Result};
 /// `CELERY_KEDA_NAMESPACES_<NAME>=team-a,team-b-*`. A different prefix from
 /// `CELERY_KEDA_BROKER_<NAME>`, so no broker name can collide with it.
 pub const NAMESPACES_PREFIX: &str = "CELERY_KEDA_NAMESPACES_";
+
+/// Environment variable prefix of a named SQS broker's predefined queues (kombu's
+/// `predefined_queues`, the same JSON as the `predefinedQueues` metadata key):
+/// `CELERY_KEDA_PREDEFINED_QUEUES_<NAME>={"celery": {"url": "https://sqs..."}}`.
+pub const PREDEFINED_QUEUES_PREFIX: &str = "CELERY_KEDA_PREDEFINED_QUEUES_";
 
 /// Brokers configured in the scaler's own environment.
 #[derive(Clone, Default)]
@@ -22,6 +28,9 @@ pub struct BrokerEnv {
     /// `CELERY_KEDA_NAMESPACES_<NAME>=team-a,team-b-*`: the namespaces that may use a named
     /// broker, keyed like `named`. A broker without a list is open to every namespace.
     pub namespaces: BTreeMap<String, NamespaceList>,
+    /// `CELERY_KEDA_PREDEFINED_QUEUES_<NAME>`: a named SQS broker's predefined queues, keyed
+    /// like `named`; used by triggers naming the broker without a `predefinedQueues` of their own.
+    pub predefined: BTreeMap<String, PredefinedQueues>,
 }
 
 /// Environment variable prefix of named brokers.
@@ -35,8 +44,17 @@ impl BrokerEnv {
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let mut env = BrokerEnv::default();
         let mut lists = Vec::new();
+        let mut predefined = Vec::new();
         for (name, value) in vars {
-            if let Some(suffix) = name.strip_prefix(NAMESPACES_PREFIX) {
+            if let Some(suffix) = name.strip_prefix(PREDEFINED_QUEUES_PREFIX) {
+                if !suffix.is_empty() {
+                    predefined.push((
+                        normalise_name(suffix),
+                        parse_predefined(&name, &value)?,
+                        name,
+                    ));
+                }
+            } else if let Some(suffix) = name.strip_prefix(NAMESPACES_PREFIX) {
                 if !suffix.is_empty() {
                     lists.push((
                         normalise_name(suffix),
@@ -66,6 +84,19 @@ impl BrokerEnv {
                 ));
             }
             env.namespaces.insert(broker, list);
+        }
+        // Predefined queues belong to a named SQS broker.
+        for (broker, map, var) in predefined {
+            if !matches!(env.named.get(&broker), Some(BrokerTarget::Sqs(_))) {
+                return Err(Error::invalid(
+                    var,
+                    format!(
+                        "names broker `{broker}`, but no sqs:// {NAMED_BROKER_PREFIX}{} is configured",
+                        broker.to_ascii_uppercase().replace('-', "_")
+                    ),
+                ));
+            }
+            env.predefined.insert(broker, map);
         }
         Ok(env)
     }

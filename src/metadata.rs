@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 
 use crate::allowlist::ns_shown;
-use crate::broker::rabbitmq::{Management, RabbitLayout};
+use crate::broker::rabbitmq::{Management, ManagementApi, RabbitLayout};
 use crate::broker::redis::{unescape, RedisAddr, RedisLayout, DEFAULT_PRIORITY_STEPS};
 use crate::broker::sqs;
 use crate::broker::{Backend, BrokerTarget, DepthQuery, HostField, Unresolved};
 use crate::broker_env::{
     normalise_name, BrokerEnv, DEFAULT_BROKER_VAR, NAMED_BROKER_PREFIX, NAMESPACES_PREFIX,
+    PREDEFINED_QUEUES_PREFIX,
 };
 use crate::error::{Error, Refusal, Result};
 use crate::secret::shown;
@@ -34,6 +35,7 @@ pub const KEYS: &[&str] = &[
     "queueNamePrefix",
     "awsRegion",
     "awsEndpoint",
+    "predefinedQueues",
 ];
 
 /// Keys of a trigger's metadata that KEDA's `external` / `external-push` scaler reads itself
@@ -257,9 +259,9 @@ pub fn parse_for(
             let management = match get("managementUrl") {
                 Some(raw) => {
                     host_keys.push((HostField::Management, "managementUrl"));
-                    Management::parse(raw, &t)?
+                    ManagementApi::Given(Management::parse(raw, &t)?)
                 }
-                None => t.default_management()?,
+                None => t.derived_management()?,
             };
             Backend::RabbitMq {
                 target: t,
@@ -275,9 +277,47 @@ pub fn parse_for(
                 t.endpoint = Some(sqs::parse_endpoint(endpoint)?);
             }
             let queue_name_prefix = meta.get("queueNamePrefix").cloned().unwrap_or_default();
+            // kombu's predefined_queues: the trigger's own map, else its named broker's.
+            let predefined = match get("predefinedQueues") {
+                Some(raw) => {
+                    let map = sqs::parse_predefined("predefinedQueues", raw)?;
+                    let selected = sqs::select_predefined(
+                        &map,
+                        &queue_name_prefix,
+                        &queues,
+                        "predefinedQueues",
+                    )?;
+                    for i in 0..selected.len() {
+                        host_keys.push((HostField::QueueUrl(i), "predefinedQueues"));
+                    }
+                    selected
+                }
+                None => match broker_name.as_ref().and_then(|n| env.predefined.get(n)) {
+                    Some(map) => sqs::select_predefined(map, &queue_name_prefix, &queues, "queues")
+                        .map_err(|e| match e {
+                            Error::InvalidMetadata { key, message } => Error::invalid(
+                                key,
+                                format!(
+                                    "{message} (the predefined queues of broker `{}`, {PREDEFINED_QUEUES_PREFIX}{})",
+                                    broker_name.as_deref().unwrap_or_default(),
+                                    broker_name
+                                        .as_deref()
+                                        .unwrap_or_default()
+                                        .to_ascii_uppercase()
+                                        .replace('-', "_")
+                                ),
+                            ),
+                            other => other,
+                        })?,
+                    None => Default::default(),
+                },
+            };
             Backend::Sqs {
                 target: t,
-                layout: sqs::SqsLayout { queue_name_prefix },
+                layout: sqs::SqsLayout {
+                    queue_name_prefix,
+                    predefined,
+                },
             }
         }
     };

@@ -55,6 +55,12 @@ pub async fn run(
         q.backend.redacted(),
         trigger.broker_source
     );
+    if let Some(host) = &depth.answered_by {
+        let _ = writeln!(
+            out,
+            "answered by  {host} (the host of the failover list that answered)"
+        );
+    }
     if !namespace.is_empty() {
         let _ = writeln!(out, "namespace    {namespace} (tenancy settings applied)");
     }

@@ -539,10 +539,24 @@ fn chosen_hosts(t: &Trigger, m: &HashMap<String, String>) -> Vec<(String, u16)> 
             RedisAddr::Sentinel { nodes, .. } => {
                 broker_hosts.extend(nodes.iter().map(|(h, p)| (bare(h), *p)))
             }
+            RedisAddr::Failover { hosts, .. } => {
+                broker_hosts.extend(hosts.iter().map(|(h, p)| (bare(h), *p)))
+            }
             RedisAddr::Unix { .. } => broker_hosts.push(("unix-socket".into(), 0)),
         },
-        Backend::RabbitMq { target: r, .. } => broker_hosts.push((bare(&r.host), r.port)),
-        Backend::Sqs { target: s, .. } => {
+        Backend::RabbitMq { target: r, .. } => {
+            broker_hosts.extend(r.hosts.iter().map(|(h, p)| (bare(h), *p)))
+        }
+        Backend::Sqs { target: s, layout } => {
+            for q in layout.predefined.values() {
+                let u = url::Url::parse(&q.endpoint).unwrap();
+                if m.contains_key("predefinedQueues") || !operator {
+                    out.push((
+                        bare(u.host_str().unwrap()),
+                        u.port_or_known_default().unwrap(),
+                    ));
+                }
+            }
             if let Some(e) = &s.endpoint {
                 let u = url::Url::parse(e).unwrap();
                 let h = (
@@ -556,18 +570,25 @@ fn chosen_hosts(t: &Trigger, m: &HashMap<String, String>) -> Vec<(String, u16)> 
         }
     }
     if let Backend::RabbitMq { layout: l, .. } = &t.query.backend {
-        let u = &l.management.base;
-        let h = (
-            bare(u.host_str().unwrap()),
-            u.port_or_known_default().unwrap(),
-        );
-        let given = m.contains_key("managementUrl");
-        let same_as_operator = operator
-            && broker_hosts
-                .iter()
-                .any(|(b, _)| b.eq_ignore_ascii_case(&h.0));
-        if !operator || (given && !same_as_operator) {
-            out.push(h);
+        use celery_keda_scaler::broker::rabbitmq::ManagementApi;
+        let apis = match &l.management {
+            ManagementApi::Given(m) => vec![m],
+            ManagementApi::Derived(list) => list.iter().collect(),
+        };
+        for api in apis {
+            let u = &api.base;
+            let h = (
+                bare(u.host_str().unwrap()),
+                u.port_or_known_default().unwrap(),
+            );
+            let given = m.contains_key("managementUrl");
+            let same_as_operator = operator
+                && broker_hosts
+                    .iter()
+                    .any(|(b, _)| b.eq_ignore_ascii_case(&h.0));
+            if !operator || (given && !same_as_operator) {
+                out.push(h);
+            }
         }
     }
     if !operator {

@@ -418,3 +418,131 @@ async fn depth_is_published_minus_finished_with_acks_late() {
     depth_is_published_minus_finished(&url, CeleryConf::new(&url), "pmf", true, 10, 10).await;
     vhost.delete().await;
 }
+
+/// A two-host failover list as Celery's `broker_url` writes it (`amqp://...;amqp://...`), its
+/// hosts two proxies to the suite's node on loopback addresses of their own: the first refuses,
+/// so real Celery (kombu) publishes through the second and the scaler reads it there, exactly;
+/// the first comes back and the readings stay with the host that answered last (kombu keeps its
+/// connection; the first proxy accepts nothing); that host goes away and the next reading moves
+/// to the other one within one deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_list_reads_the_host_that_answers() {
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::Ordering::SeqCst;
+    let vhost = Vhost::create().await;
+    let mut first = Proxy::start_on(Ipv4Addr::new(127, 0, 0, 2), vhost.port).await;
+    let mut second = Proxy::start_on(Ipv4Addr::new(127, 0, 0, 3), vhost.port).await;
+    first.stop();
+    let url_of = |p: &Proxy| format!("amqp://guest:guest@{}/{}", p.addr(), vhost.name);
+    let list = format!("{};{}", url_of(&first), url_of(&second));
+    assert_eq!(CeleryConf::new(&list).publish("q", &["--count", "3"]), 3);
+
+    let deadline = Duration::from_secs(2);
+    let settings = celery_keda_scaler::server::ServeSettings {
+        deadline,
+        result_window: Duration::ZERO,
+        ..Default::default()
+    };
+    let scaler = Scaler::start_with(Default::default(), settings).await;
+    let mut client = scaler.client().await;
+    // In-flight on: the management API derived from the host that answered is read too.
+    let q = m(&list, "q", true);
+    assert_eq!(depth(&mut client, &q).await.unwrap(), 3);
+    assert!(active(&mut client, &q).await.unwrap());
+    assert_eq!(first.accepted.load(SeqCst), 0);
+
+    // `probe` names the host that answered.
+    let pairs = [
+        ("brokerUrl", list.clone()),
+        ("queues", "q".to_string()),
+        ("scaleOnRunning", "false".to_string()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        probe_command(&pairs).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let answered = format!("answered by  amqp://guest:***@{}/", second.addr());
+    assert!(text.contains(&answered), "{text}");
+    assert!(text.contains("depth        3"), "{text}");
+
+    // The first host comes back: the readings stay with the host that answered last.
+    first.resume().await;
+    for _ in 0..3 {
+        assert_eq!(depth(&mut client, &q).await.unwrap(), 3);
+    }
+    assert_eq!(first.accepted.load(SeqCst), 0);
+
+    // The host that answered goes away: the next reading moves to the other, in time.
+    second.stop();
+    let started = std::time::Instant::now();
+    assert_eq!(depth(&mut client, &q).await.unwrap(), 3);
+    assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
+    assert!(first.accepted.load(SeqCst) >= 1);
+    // ... and stays there when it returns.
+    second.resume().await;
+    let before = second.accepted.load(SeqCst);
+    assert_eq!(depth(&mut client, &q).await.unwrap(), 3);
+    assert_eq!(second.accepted.load(SeqCst), before);
+
+    // No host answering is an error, never a depth.
+    first.stop();
+    second.stop();
+    let err = depth(&mut client, &q).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    assert!(err.message().contains("failover list"), "{err:?}");
+    assert!(!err.message().contains("guest:guest"), "{err:?}");
+    scaler.stop().await;
+    vhost.delete().await;
+}
+
+/// The management API derived from a failover list follows the host that answered, and an
+/// explicit `managementUrl` stays as given. The node's management API listens on IPv4 only and
+/// its AMQP port on both, so a list whose answering host is `[::1]` has a derived management API
+/// that refuses (the reading fails, naming managementUrl), while one whose answering host is an
+/// IPv4 proxy behind a refusing `[::1]` host reads exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_list_management_follows_the_host_that_answered() {
+    use std::net::Ipv4Addr;
+    let vhost = Vhost::create().await;
+    let proxy = Proxy::start_on(Ipv4Addr::new(127, 0, 0, 3), vhost.port).await;
+    let refusing = free_port();
+    let v4 = format!("amqp://guest:guest@{}/{}", proxy.addr(), vhost.name);
+    let v6_refusing = format!("amqp://guest:guest@[::1]:{refusing}/{}", vhost.name);
+    let v6 = format!("amqp://guest:guest@[::1]:{}/{}", vhost.port, vhost.name);
+    let v4_refusing = format!("amqp://guest:guest@127.0.0.2:{refusing}/{}", vhost.name);
+    assert_eq!(
+        CeleryConf::new(&format!("{v6_refusing};{v4}")).publish("q", &["--count", "3"]),
+        3
+    );
+    let scaler = Scaler::start_with(
+        Default::default(),
+        celery_keda_scaler::server::ServeSettings {
+            result_window: Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut client = scaler.client().await;
+    // [::1] refuses AMQP: the IPv4 host answers, and its derived management API is read.
+    let follows = m(&format!("{v6_refusing};{v4}"), "q", true);
+    assert_eq!(depth(&mut client, &follows).await.unwrap(), 3);
+    // [::1] answers AMQP: its derived management API ([::1]:15672) refuses.
+    let derived_v6 = m(&format!("{v4_refusing};{v6}"), "q", true);
+    let err = depth(&mut client, &derived_v6).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("http://[::1]:15672/"), "{err:?}");
+    assert!(err.message().contains("managementUrl"), "{err:?}");
+    // Given, the management API stays as given whichever host answers.
+    let mut given = derived_v6.clone();
+    given.insert("managementUrl".into(), management_base());
+    assert_eq!(depth(&mut client, &given).await.unwrap(), 3);
+    scaler.stop().await;
+    vhost.delete().await;
+}

@@ -1276,3 +1276,91 @@ async fn keda_polls_of_an_armed_idle_set_skip_its_lists() {
     assert!(active(&mut client, &m).await.unwrap());
     scaler.stop().await;
 }
+
+/// A two-host failover list as Celery's `broker_url` writes it (`redis://...;redis://...`), its
+/// hosts two proxies to the suite's Redis on loopback addresses of their own: the first refuses,
+/// so real Celery (kombu) publishes through the second and the scaler reads it there, exactly;
+/// the first comes back and the readings stay with the host that answered last (the first proxy
+/// accepts nothing); that host goes away and the next reading moves to the other within one
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_list_reads_the_host_that_answers() {
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::Ordering::SeqCst;
+    let base = redis_url();
+    let port = url::Url::parse(&base).unwrap().port().unwrap_or(6379);
+    let mut first = Proxy::start_on(Ipv4Addr::new(127, 0, 0, 2), port).await;
+    let mut second = Proxy::start_on(Ipv4Addr::new(127, 0, 0, 3), port).await;
+    first.stop();
+    let list = format!("redis://{}/0;redis://{}/0", first.addr(), second.addr());
+    let q = unique("fo");
+    let conf = CeleryConf::new(&list);
+    assert_eq!(conf.publish(&q, &["--count", "4"]), 4);
+    assert_eq!(conf.publish(&q, &["--count", "2", "--priority", "9"]), 2);
+
+    let deadline = Duration::from_secs(2);
+    let settings = celery_keda_scaler::server::ServeSettings {
+        deadline,
+        result_window: Duration::ZERO,
+        ..Default::default()
+    };
+    let scaler = Scaler::start_with(Default::default(), settings).await;
+    let mut client = scaler.client().await;
+    let m = meta(&[
+        ("brokerUrl", &list),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 6);
+    assert!(active(&mut client, &m).await.unwrap());
+    assert_eq!(first.accepted.load(SeqCst), 0);
+
+    let pairs = [
+        ("brokerUrl", list.clone()),
+        ("queues", q.clone()),
+        ("scaleOnRunning", "false".to_string()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        probe_command(&pairs).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("answered by  redis://{}/0", second.addr())),
+        "{text}"
+    );
+    assert!(text.contains("depth        6"), "{text}");
+
+    // The first host comes back: the readings stay with the host that answered last.
+    first.resume().await;
+    for _ in 0..3 {
+        assert_eq!(depth(&mut client, &m).await.unwrap(), 6);
+    }
+    assert_eq!(first.accepted.load(SeqCst), 0);
+
+    // The host that answered goes away: the next reading moves to the other, in time.
+    second.stop();
+    let started = std::time::Instant::now();
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 6);
+    assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
+    assert!(first.accepted.load(SeqCst) >= 1);
+    second.resume().await;
+    let before = second.accepted.load(SeqCst);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 6);
+    assert_eq!(second.accepted.load(SeqCst), before);
+
+    // No host answering is an error, never a depth.
+    first.stop();
+    second.stop();
+    let err = depth(&mut client, &m).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    assert!(err.message().contains("failover list"), "{err:?}");
+    scaler.stop().await;
+    cleanup_redis(&base, "", &[&q]).await;
+}

@@ -179,3 +179,106 @@ async fn errors_missing_queue_down_and_hanging_endpoints() {
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 }
+
+/// kombu's `predefined_queues`, pasted as `predefinedQueues`: three Celery queues whose SQS
+/// queues have unrelated names, one of them in another AWS account reached with its own keys
+/// (moto acts in the account the keys belong to), one FIFO. Real Celery publishes with the same
+/// option; the scaler reads each queue at its URL, exactly, never a same-named queue; a queue
+/// missing from the map is INVALID_ARGUMENT naming it; the keys never show in an error; the same
+/// map works in a named broker's configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predefined_queues_are_read_at_their_urls() {
+    let u = unique("pd");
+    let (celery_q, orders_q, jobs_q) = (
+        format!("{u}-default"),
+        format!("{u}-orders"),
+        format!("{u}-jobs.fifo"),
+    );
+    let (own_id, own_secret) = other_account_keys("111111111111");
+    let default_url = create_sqs_queue(&format!("x{u}-alpha"), None);
+    let orders_url = create_sqs_queue(
+        &format!("x{u}-beta"),
+        Some((own_id.as_str(), own_secret.as_str())),
+    );
+    let jobs_url = create_sqs_queue(&format!("x{u}-gamma.fifo"), None);
+    // The queue the scaler would find by name: the workers never use it.
+    create_sqs_queue(&celery_q, None);
+    let map = serde_json::json!({
+        &celery_q: {"url": default_url},
+        &orders_q: {"url": orders_url, "access_key_id": own_id, "secret_access_key": own_secret},
+        &jobs_q: {"url": jobs_url},
+    })
+    .to_string();
+    let mut conf = CeleryConf::new(&sqs_broker_url());
+    conf.predefined_queues = Some(map.clone());
+    assert_eq!(conf.publish(&celery_q, &["--count", "3"]), 3);
+    assert_eq!(conf.publish(&orders_q, &["--count", "2"]), 2);
+    assert_eq!(conf.publish(&jobs_q, &["--count", "4"]), 4);
+    // The orders queue exists only for its own keys.
+    assert_eq!(sqs_attributes_at(&orders_url, ("testing", "testing")), None);
+    assert_eq!(
+        sqs_attributes_at(&orders_url, (&own_id, &own_secret)),
+        Some((2, 0))
+    );
+    assert_eq!(sqs_attributes(&celery_q).await, (0, 0));
+
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let trigger = |queues: &str| {
+        meta(&[
+            ("brokerUrl", &sqs_broker_url()),
+            ("awsRegion", "us-east-1"),
+            ("queues", queues),
+            ("predefinedQueues", &map),
+        ])
+    };
+    assert_eq!(depth(&mut client, &trigger(&celery_q)).await.unwrap(), 3);
+    assert_eq!(depth(&mut client, &trigger(&orders_q)).await.unwrap(), 2);
+    assert_eq!(depth(&mut client, &trigger(&jobs_q)).await.unwrap(), 4);
+    let all = format!("{celery_q},{orders_q},{jobs_q}");
+    assert_eq!(depth(&mut client, &trigger(&all)).await.unwrap(), 9);
+    // Read at its URL: a broker URL without an endpoint still reaches the queues' host.
+    let mut at_url = trigger(&all);
+    at_url.insert("brokerUrl".into(), "sqs://testing:testing@".into());
+    assert_eq!(depth(&mut client, &at_url).await.unwrap(), 9);
+
+    // A queue not in the map is refused, naming the key and the queue.
+    let missing = format!("{u}-other");
+    let err = depth(&mut client, &trigger(&format!("{celery_q},{missing}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("predefinedQueues"), "{err:?}");
+    assert!(err.message().contains(&missing), "{err:?}");
+    // A failing queue with its own keys: an error, never a depth, never the secret.
+    let gone = serde_json::json!({
+        &orders_q: {"url": format!("{}-gone", orders_url), "access_key_id": own_id,
+                    "secret_access_key": own_secret},
+    })
+    .to_string();
+    let mut gone_trigger = trigger(&orders_q);
+    gone_trigger.insert("predefinedQueues".into(), gone);
+    let err = depth(&mut client, &gone_trigger).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(!err.message().contains(&own_secret), "{err:?}");
+    scaler.stop().await;
+
+    // The same map in a named broker's configuration.
+    let env = celery_keda_scaler::broker_env::BrokerEnv::from_vars([
+        ("CELERY_KEDA_BROKER_JOBS".to_string(), sqs_broker_url()),
+        (
+            "CELERY_KEDA_PREDEFINED_QUEUES_JOBS".to_string(),
+            map.clone(),
+        ),
+    ])
+    .unwrap();
+    let scaler = Scaler::start_with(env, ServeSettings::default()).await;
+    let mut client = scaler.client().await;
+    let named = meta(&[
+        ("broker", "jobs"),
+        ("awsRegion", "us-east-1"),
+        ("queues", &all),
+    ]);
+    assert_eq!(depth(&mut client, &named).await.unwrap(), 9);
+    scaler.stop().await;
+}

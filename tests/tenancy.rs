@@ -1046,3 +1046,145 @@ async fn a_refused_stream_ends_with_the_refusal_and_polls_nothing() {
     assert_eq!(scaler.metric("celery_keda_streams ").await, Some(0.0));
     scaler.stop().await;
 }
+
+/// Every host of a `;`-separated failover list (and the management API derived from each) and
+/// the host of every predefined SQS queue URL is checked before any is contacted: one host the
+/// allowlist does not admit refuses the trigger, while the admitted hosts of the same list (a
+/// counting listener) see no connection; lists and predefined queues whose hosts are all
+/// admitted keep their exact depths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_of_a_failover_list_and_predefined_queue_url_is_checked() {
+    let q = redis_queue(3);
+    let vhost = Vhost::create().await;
+    let rq = unique("tenq");
+    assert_eq!(
+        CeleryConf::new(&vhost.url()).publish(&rq, &["--count", "2"]),
+        2
+    );
+    let (_, moto_port) = sqs_endpoint();
+    let (_, amqp_port) = amqp_base();
+    let mgmt_port = url::Url::parse(&management_base())
+        .unwrap()
+        .port()
+        .unwrap_or(15672);
+    let u = unique("tenpd");
+    let queue_url = create_sqs_queue(&format!("x{u}-any"), None);
+    let path = url::Url::parse(&queue_url).unwrap().path().to_string();
+    let mut sqs_conf = CeleryConf::new(&sqs_broker_url());
+    let pd_q = format!("{u}-celery");
+    sqs_conf.predefined_queues = Some(serde_json::json!({&pd_q: {"url": queue_url}}).to_string());
+    assert_eq!(sqs_conf.publish(&pd_q, &["--count", "4"]), 4);
+    let (silent, accepted) = silent_server().await;
+
+    let rp = redis_port();
+    // Names only: the listener is admitted as localhost, the brokers as localhost too.
+    let rules = format!(
+        "localhost:{rp}, localhost:{silent}, localhost:{amqp_port}, localhost:{mgmt_port}, localhost:{moto_port}, 127.0.0.3:{amqp_port}"
+    );
+    let scaler = Scaler::start_with(Default::default(), allowlist(&rules)).await;
+    let mut client = scaler.client().await;
+    let no_run = ("scaleOnRunning", "false");
+
+    // Admitted: every host of each list, and the predefined queue's host.
+    let redis_list = format!("redis://localhost:{silent}/0;redis://localhost:{rp}/0");
+    let rabbit_list = format!(
+        "amqp://guest:guest@localhost:{silent}/{0};amqp://guest:guest@localhost:{amqp_port}/{0}",
+        vhost.name
+    );
+    let pd = |host: &str| {
+        meta(&[
+            ("brokerUrl", "sqs://testing:SqsPw12@"),
+            ("awsRegion", "us-east-1"),
+            ("queues", &pd_q),
+            (
+                "predefinedQueues",
+                &serde_json::json!({&pd_q: {"url": format!("http://{host}{path}"),
+                    "access_key_id": "testing", "secret_access_key": "testing"}})
+                .to_string(),
+            ),
+        ])
+    };
+    let admitted_sqs = pd(&format!("localhost:{moto_port}"));
+    assert_eq!(read(&mut client, "team-a", &admitted_sqs).await.unwrap(), 4);
+    // The first host of each admitted list is the silent listener: the reading moves on to the
+    // second within its share of the deadline.
+    let redis = meta(&[("brokerUrl", &redis_list), ("queues", &q), no_run]);
+    assert_eq!(read(&mut client, "team-a", &redis).await.unwrap(), 3);
+    let rabbit = meta(&[("brokerUrl", &rabbit_list), ("queues", &rq), no_run]);
+    assert_eq!(read(&mut client, "team-a", &rabbit).await.unwrap(), 2);
+    let before = accepted.load(Ordering::SeqCst);
+    assert!(before >= 2, "the silent first hosts were tried");
+
+    let cases: Vec<(HashMap<String, String>, Vec<String>, &str)> = vec![
+        (
+            meta(&[
+                (
+                    "brokerUrl",
+                    &format!("{redis_list};redis://127.0.0.1:{rp}/0")
+                        .replace("redis://", "redis://:RedisPw78@"),
+                ),
+                ("queues", &q),
+                no_run,
+            ]),
+            vec!["`brokerUrl`".into(), format!("`127.0.0.1:{rp}`")],
+            "RedisPw78",
+        ),
+        (
+            meta(&[
+                (
+                    "brokerUrlFromEnv",
+                    &format!(
+                        "amqp://guest:guest@127.0.0.2:{amqp_port}/{0};{rabbit_list}",
+                        vhost.name
+                    )
+                    .replace("guest:guest", "guest:AmqpPw89"),
+                ),
+                ("queues", &rq),
+                no_run,
+            ]),
+            vec![
+                "`brokerUrlFromEnv`".into(),
+                format!("`127.0.0.2:{amqp_port}`"),
+            ],
+            "AmqpPw89",
+        ),
+        (
+            // An admitted AMQP host whose derived management API (port 15672) is not admitted.
+            meta(&[
+                (
+                    "brokerUrl",
+                    &format!(
+                        "{rabbit_list};amqp://guest:guest@127.0.0.3:{amqp_port}/{}",
+                        vhost.name
+                    ),
+                ),
+                ("queues", &rq),
+                no_run,
+            ]),
+            vec!["`brokerUrl`".into(), "`127.0.0.3:15672`".into()],
+            "",
+        ),
+        (
+            pd(&format!("127.0.0.1:{silent}")),
+            vec!["`predefinedQueues`".into(), format!("`127.0.0.1:{silent}`")],
+            "SqsPw12",
+        ),
+    ];
+    let mut n = 0;
+    for (m, needles, secret) in &cases {
+        let mut needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        needles.push("namespace `team-b`");
+        needles.push("--allowed-broker-hosts");
+        let secrets: Vec<&str> = [*secret].into_iter().filter(|s| !s.is_empty()).collect();
+        n += refused(&mut client, "team-b", m, false, &needles, &secrets).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        before,
+        "a refused trigger connected"
+    );
+    assert_eq!(refusals(&scaler, "host").await, n);
+    scaler.stop().await;
+    vhost.delete().await;
+    cleanup_redis(&redis_url(), "", &[&q]).await;
+}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"sort"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,11 +15,13 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
-// BenchmarkActivation measures publish -> spec.replicas == 1 through the real KEDA for four
-// triggers on the same Redis queue, CKS_E2E_BENCH_TRIALS times each (default 20), a fresh
-// ScaledObject per trial: our external-push trigger (the worker example), our `external` trigger
-// polled every 5 s, and KEDA's built-in `redis` scaler polled every 30 s (KEDA's default) and every
-// 5 s. Run it with:
+// BenchmarkActivation measures publish -> spec.replicas == 1 through the real KEDA,
+// CKS_E2E_BENCH_TRIALS times per variant (default 20), a fresh ScaledObject per trial. On one
+// Redis queue: our external-push trigger (the worker example), our `external` trigger polled
+// every 5 s, and KEDA's built-in `redis` scaler polled every 30 s (KEDA's default) and every 5 s.
+// Then our external-push trigger on RabbitMQ and on SQS (each broker's worker example, in a vhost
+// or queue prefix of the benchmark's own). CKS_E2E_BENCH_VARIANTS (comma-separated indexes, from
+// 0) runs some of them. Run it with:
 //
 //	bash e2e/scripts/run.sh -run '^$' -bench Activation -benchtime 1x
 //
@@ -34,27 +37,54 @@ func BenchmarkActivation(b *testing.B) {
 		name    string
 		polling int64
 		make    func(ns string, deployment *unstructured.Unstructured) *unstructured.Unstructured
+		broker  string // another broker's worker example (make is not used), or "" for Redis
 	}{
 		{"ours external-push", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
 			return harness.NewScaledObject("bench", d.GetName(), "external-push", 30, 300, map[string]any{
 				"scalerAddress": harness.Scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
 			})
-		}},
+		}, ""},
 		{"ours external, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
 			return harness.NewScaledObject("bench", d.GetName(), "external", 5, 300, map[string]any{
 				"scalerAddress": harness.Scaler.Addr, "brokerUrlFromEnv": "CELERY_BROKER_URL", "queues": "celery,priority", "queueLength": "10",
 			})
-		}},
+		}, ""},
 		{"KEDA redis, pollingInterval 30 s", 30, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
 			return harness.NewScaledObject("bench", d.GetName(), "redis", 30, 300, builtinRedisMetadata(db, "celery", 10))
-		}},
+		}, ""},
 		{"KEDA redis, pollingInterval 5 s", 5, func(ns string, d *unstructured.Unstructured) *unstructured.Unstructured {
 			return harness.NewScaledObject("bench", d.GetName(), "redis", 5, 300, builtinRedisMetadata(db, "celery", 10))
-		}},
+		}, ""},
+		{name: "ours external-push, RabbitMQ", polling: 30, broker: "rabbitmq"},
+		{name: "ours external-push, SQS", polling: 30, broker: "sqs"},
+	}
+	run := map[int]bool{}
+	if v := os.Getenv("CKS_E2E_BENCH_VARIANTS"); v != "" {
+		for _, f := range strings.Split(v, ",") {
+			i, err := strconv.Atoi(f)
+			if err != nil {
+				b.Fatalf("CKS_E2E_BENCH_VARIANTS: %v", err)
+			}
+			run[i] = true
+		}
 	}
 	for n := 0; n < b.N; n++ {
 		for vi, v := range variants {
+			if len(run) > 0 && !run[vi] {
+				continue
+			}
 			pub := harness.NewPublisher(b, broker)
+			example := func() (secret, deployment, so *unstructured.Unstructured) {
+				secret, deployment, _ = harness.RedisWorkerExample(b, broker)
+				return secret, deployment, nil
+			}
+			if v.broker != "" {
+				eb := harness.NewExampleBroker(b, v.broker, fmt.Sprintf("bench-activation-%d-%s", n, v.broker))
+				pub = eb.Publisher(b)
+				// The queue exists before the first trial (on RabbitMQ a missing queue is an error).
+				pub.Publish(b, "celery", 1, 0)
+				example = func() (secret, deployment, so *unstructured.Unstructured) { return eb.WorkerExample(b) }
+			}
 			var lat []time.Duration
 			for i := 1; i <= trials; i++ {
 				ns := fmt.Sprintf("bench-activation-%d-%d-%d", n, vi, i)
@@ -63,8 +93,10 @@ func BenchmarkActivation(b *testing.B) {
 				// The previous trial's reading (1 task) answers identical requests for the
 				// scaler's result window: the new ScaledObject's first poll must not get it.
 				time.Sleep(harness.ScalerResultWindow)
-				secret, deployment, _ := harness.RedisWorkerExample(b, broker)
-				so := v.make(ns, deployment)
+				secret, deployment, so := example()
+				if so == nil {
+					so = v.make(ns, deployment)
+				}
 				for _, o := range []*unstructured.Unstructured{secret, deployment, so} {
 					if _, err := harness.Kube.Apply(context.Background(), ns, o); err != nil {
 						b.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -19,42 +20,65 @@ import (
 
 // BenchmarkFleet: a fleet of ScaledObjects on one KEDA operator, 100 distinct queue sets with 10
 // ScaledObjects each (CKS_E2E_FLEET_SETS, CKS_E2E_FLEET_PER_SET), all on a redis-server of the
-// benchmark's own, first with our trigger (the Redis worker example: external-push on
-// `fleet-<i>,fleet-<i>.high`, served by a scaler process of the benchmark's own), then with KEDA's
-// built-in `redis` scaler (listName `fleet-<i>`, the example's pollingInterval 30 s). Each fleet is
-// measured for CKS_E2E_FLEET_SECONDS (default 60) twice: idle (every queue empty, every Deployment
-// at 0) and active (5 tasks in every set, every Deployment at 1 replica, so the HPAs read metrics).
-// Run it with:
+// benchmark's own. The variants, one after the other: our trigger (the Redis worker example:
+// external-push on `fleet-<i>,fleet-<i>.high`) served by a scaler process of the benchmark's own,
+// first as it runs by default (idle sets armed with Redis CLIENT TRACKING) and then with
+// `--redis-client-tracking=false` (the polling a broker that refuses tracking gets); then KEDA's
+// built-in `redis` scaler (listName `fleet-<i>`) at the example's pollingInterval (30 s, KEDA's
+// default) and at 5 s. Each fleet is measured for CKS_E2E_FLEET_SECONDS (default 60) idle (every
+// queue empty, every Deployment at 0); then the activation inside the idle fleet,
+// CKS_E2E_FLEET_TRIALS times (default 10): one task published to one set (a different one each
+// time), timed until its Deployment has 1 replica; then CKS_E2E_FLEET_SECONDS active (5 tasks
+// in every set, every Deployment at 1 replica, so the HPAs read metrics). CKS_E2E_FLEET_VARIANTS
+// (comma-separated: ours, ours-polling, builtin, builtin5) runs some of them. Run it with:
 //
-//	bash e2e/scripts/run.sh -run '^$' -bench Fleet -benchtime 1x -timeout 60m
+//	bash e2e/scripts/run.sh -run '^$' -bench Fleet -benchtime 1x -timeout 120m
 //
 // It reports the scaler's and the operator's CPU and RSS, the broker's commands per second and
-// CPU, and the TCP connections KEDA holds to the scaler, and appends them to the results file.
-// The broker's load from our trigger depends on the number of distinct queue sets (one shared
-// stream poll each), from KEDA's scalers on the number of ScaledObjects: CKS_E2E_FLEET_PER_SET=1
-// compares the two at 100 ScaledObjects in a few minutes.
+// CPU, the TCP connections KEDA holds to the scaler and the activation p50/p90, and appends them
+// to the results file. CKS_E2E_FLEET_PER_SET=1 compares the variants at 100 ScaledObjects in
+// about 15 minutes.
 func BenchmarkFleet(b *testing.B) {
 	sets, perSet := envInt("CKS_E2E_FLEET_SETS", 100), envInt("CKS_E2E_FLEET_PER_SET", 10)
+	trials := envInt("CKS_E2E_FLEET_TRIALS", 10)
+	if trials > sets {
+		trials = sets
+	}
 	window := time.Duration(envInt("CKS_E2E_FLEET_SECONDS", 60)) * time.Second
 	r := &harness.OwnRedis{}
 	r.Start(b)
 	b.Cleanup(func() { r.Stop(b) })
 	broker := fmt.Sprintf("redis://127.0.0.1:%d/0", r.Port)
-	s, err := harness.StartScaler("scaler-fleet", nil)
-	if err != nil {
-		b.Fatal(err)
+	scalers := map[string]*harness.ScalerProcess{}
+	for name, args := range map[string][]string{"ours": nil, "ours-polling": {"--redis-client-tracking=false"}} {
+		s, err := harness.StartScaler("scaler-fleet-"+name, args)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(s.Stop)
+		scalers[name] = s
 	}
-	b.Cleanup(s.Stop)
+	variants := []string{"ours", "ours-polling", "builtin", "builtin5"}
+	if v := os.Getenv("CKS_E2E_FLEET_VARIANTS"); v != "" {
+		variants = strings.Split(v, ",")
+	}
 	pub := harness.NewPublisher(b, broker)
 	for n := 0; n < b.N; n++ {
-		for _, variant := range []string{"ours", "builtin"} {
+		for _, variant := range variants {
+			s := scalers[variant]
+			if s == nil {
+				s = scalers["ours"] // measured for its CPU only; the builtin variants do not call it
+			}
 			namespaces := createFleet(b, fmt.Sprintf("fleet-%d-%s", n, variant), variant, s.Addr, broker, r.Port, sets, perSet)
 			idle := measureFleet(b, variant+" idle", s, r.Port, window)
+			lat := fleetActivation(b, pub, namespaces[0], trials)
 			for i := 0; i < sets; i++ {
 				pub.Publish(b, fmt.Sprintf("fleet-%d", i), 5, 0)
 			}
 			waitFleetReplicas(b, namespaces, sets*perSet, 1, 5*time.Minute)
 			active := measureFleet(b, variant+" active", s, r.Port, window)
+			p50, p90 := harness.Percentile(lat, 50), harness.Percentile(lat, 90)
+			b.Logf("%s: activation inside the idle fleet, %d trials: p50 %.0f ms, p90 %.0f ms, max %.0f ms", variant, len(lat), harness.Ms(p50), harness.Ms(p90), harness.Ms(lat[len(lat)-1]))
 			for _, m := range []fleetFigures{idle, active} {
 				b.Logf("%s: %s", m.name, m)
 				harness.WriteResult(b, "fleet", map[string]any{
@@ -64,12 +88,42 @@ func BenchmarkFleet(b *testing.B) {
 					"grpc_connections": m.connections,
 				})
 			}
+			harness.WriteResult(b, "fleet-activation", map[string]any{
+				"variant": variant, "scaled_objects": sets * perSet, "queue_sets": sets, "trials": len(lat),
+				"p50_ms": harness.Ms(p50), "p90_ms": harness.Ms(p90), "max_ms": harness.Ms(lat[len(lat)-1]),
+			})
 			deleteFleet(b, namespaces)
 			for i := 0; i < sets; i++ {
 				pub.Purge(b, fmt.Sprintf("fleet-%d", i), fmt.Sprintf("fleet-%d.high", i))
 			}
 		}
 	}
+}
+
+// fleetActivation publishes one task to each of the first `trials` sets in turn, each time
+// timing how long until that set's Deployment in ns has 1 replica; sorted.
+func fleetActivation(b testing.TB, pub *harness.Publisher, ns string, trials int) []time.Duration {
+	b.Helper()
+	var lat []time.Duration
+	for i := 0; i < trials; i++ {
+		name := fmt.Sprintf("w-%d", i)
+		rw := harness.WatchReplicas(b, ns, name)
+		if c := rw.Current(); c.Replicas != 0 {
+			b.Fatalf("%s/%s: %d replicas before the task was published", ns, name, c.Replicas)
+		}
+		pub.Publish(b, fmt.Sprintf("fleet-%d", i), 1, 0)
+		published := time.Now()
+		at, ok := rw.WaitFor(1, 90*time.Second)
+		if !ok {
+			b.Fatalf("%s/%s: no replica within 90 s of the publish", ns, name)
+		}
+		lat = append(lat, at.Sub(published))
+		rw.Stop()
+		// A random phase against the polls of the next trial.
+		time.Sleep(time.Duration(i%7) * 700 * time.Millisecond)
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	return lat
 }
 
 func envInt(name string, def int) int {
@@ -98,7 +152,7 @@ func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redis
 			name := fmt.Sprintf("w-%d", i)
 			dep := harness.CopyDeployment(b, deployment, name)
 			var o *unstructured.Unstructured
-			if variant == "ours" {
+			if strings.HasPrefix(variant, "ours") {
 				o = so.DeepCopy()
 				o.SetName(name)
 				harness.Set(b, o, name, "spec", "scaleTargetRef", "name")
@@ -106,7 +160,11 @@ func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redis
 			} else {
 				md := builtinRedisMetadata(harness.RedisDB{}, fmt.Sprintf("fleet-%d", i), 10)
 				md["address"], md["databaseIndex"] = fmt.Sprintf("127.0.0.1:%d", redisPort), "0"
-				o = harness.NewScaledObject(name, name, "redis", 30, 300, md)
+				polling := int64(30)
+				if variant == "builtin5" {
+					polling = 5
+				}
+				o = harness.NewScaledObject(name, name, "redis", polling, 300, md)
 			}
 			harness.Apply(b, ns, dep, o)
 		}

@@ -6,14 +6,20 @@ use std::net::IpAddr;
 /// Which host of a backend a contact is, so a checked address can be put in its place.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum HostField {
-    /// The broker URL's host (Redis, AMQP).
-    Broker,
+    /// The broker URL's host (Redis, AMQP): the index of the URL in a `;`-separated failover
+    /// list, 0 for a single URL.
+    Broker(usize),
     /// One node of a Sentinel list.
     SentinelNode(usize),
-    /// The RabbitMQ management API (`managementUrl`, or derived from the AMQP URL).
+    /// The RabbitMQ management API given by `managementUrl`.
     Management,
+    /// The RabbitMQ management API derived from the AMQP URL of host `i` of the list.
+    DerivedManagement(usize),
     /// The SQS endpoint (`awsEndpoint`, or the `sqs://host:port` of the URL).
     Endpoint,
+    /// The host of the URL of predefined SQS queue `i` (`predefinedQueues`, in the order of the
+    /// trigger's queues).
+    QueueUrl(usize),
 }
 
 /// One host a reading makes the scaler contact.

@@ -6,6 +6,7 @@
 
 pub mod armed;
 pub mod census;
+pub mod failover;
 pub mod hosts;
 pub mod query;
 pub mod rabbitmq;

@@ -64,7 +64,11 @@ impl Backend {
         match self {
             Backend::Redis { target, .. } => target.contacts(),
             Backend::RabbitMq { target, layout } => Some(target.contacts(layout)),
-            Backend::Sqs { target, .. } => Some(target.contacts()),
+            Backend::Sqs { target, layout } => {
+                let mut contacts = target.contacts();
+                contacts.extend(layout.contacts());
+                Some(contacts)
+            }
         }
     }
 
@@ -74,7 +78,10 @@ impl Backend {
         match self {
             Backend::Redis { target, .. } => target.pin(field, addr),
             Backend::RabbitMq { target, layout } => target.pin(layout, field, addr),
-            Backend::Sqs { target, .. } => target.pin(addr),
+            Backend::Sqs { target, layout } => match field {
+                HostField::QueueUrl(i) => layout.pin(*i, addr),
+                _ => target.pin(addr),
+            },
         }
     }
 
@@ -87,10 +94,13 @@ impl Backend {
         }
     }
 
-    /// Whether a reading would use the scaler's own AWS identity (`sqs://` without keys).
+    /// Whether a reading would use the scaler's own AWS identity (`sqs://` without keys, for a
+    /// queue without keys of its own).
     pub fn uses_ambient_identity(&self) -> bool {
         match self {
-            Backend::Sqs { target, .. } => target.access_key.is_none(),
+            Backend::Sqs { target, layout } => {
+                target.access_key.is_none() && layout.uses_broker_keys()
+            }
             Backend::Redis { .. } | Backend::RabbitMq { .. } => false,
         }
     }

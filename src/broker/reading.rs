@@ -58,6 +58,9 @@ pub struct Depth {
     /// match no binding, or a `headers` exchange): counted nowhere, shown by `probe`. One line
     /// per task; empty when the query did not count running tasks.
     pub unresolved: Vec<String>,
+    /// For a `;`-separated failover list: the host that answered, as a URL for people (its
+    /// password `***`); `None` for a single host.
+    pub answered_by: Option<String>,
 }
 
 impl Depth {
@@ -74,6 +77,7 @@ impl Depth {
                 })
                 .collect(),
             unresolved: Vec::new(),
+            answered_by: None,
         }
     }
 

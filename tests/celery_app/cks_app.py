@@ -12,6 +12,8 @@ Configured from the environment so one file serves every scenario:
 - CKS_CONFIRM_PUBLISH ("1"): the `confirm_publish` transport option (RabbitMQ).
 - CKS_QUEUE_NAME_PREFIX: the `queue_name_prefix` transport option (SQS). An sqs:// broker also
   gets `region: us-east-1` and `is_secure: False` (the local moto server speaks plain HTTP).
+- CKS_PREDEFINED_QUEUES: JSON, kombu's `predefined_queues` transport option (SQS): queue name
+  -> {"url", optional "access_key_id", "secret_access_key"}.
 - CKS_TASK_QUEUES: JSON [{"name", "exchange", "type", "routing_key"}] for custom routing:
   `task_queues` bound to named direct/topic/fanout exchanges (publish.py declares them all
   before publishing, so every binding exists before the first message is routed).
@@ -41,6 +43,8 @@ if os.environ["CKS_BROKER"].startswith("sqs://"):
     transport_options["region"] = "us-east-1"
     transport_options["is_secure"] = False
     transport_options["queue_name_prefix"] = os.environ.get("CKS_QUEUE_NAME_PREFIX", "")
+if os.environ.get("CKS_PREDEFINED_QUEUES"):
+    transport_options["predefined_queues"] = json.loads(os.environ["CKS_PREDEFINED_QUEUES"])
 if os.environ.get("CKS_MASTER_NAME"):
     transport_options["master_name"] = os.environ["CKS_MASTER_NAME"]
 

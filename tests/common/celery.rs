@@ -44,6 +44,8 @@ pub struct CeleryConf {
     pub queue_name_prefix: Option<String>,
     /// JSON [{"name", "exchange", "type", "routing_key"}]: custom routing (`task_queues`).
     pub task_queues: Option<String>,
+    /// JSON: kombu's SQS `predefined_queues` (queue name -> {url, access_key_id, ...}).
+    pub predefined_queues: Option<String>,
 }
 
 impl CeleryConf {
@@ -73,6 +75,7 @@ impl CeleryConf {
         opt(cmd, "CKS_QUEUE_ARGS", &self.queue_args);
         opt(cmd, "CKS_QUEUE_NAME_PREFIX", &self.queue_name_prefix);
         opt(cmd, "CKS_TASK_QUEUES", &self.task_queues);
+        opt(cmd, "CKS_PREDEFINED_QUEUES", &self.predefined_queues);
         cmd.env(
             "CKS_CONFIRM_PUBLISH",
             if self.confirm_publish { "1" } else { "0" },

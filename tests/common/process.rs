@@ -84,22 +84,40 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// A TCP proxy to a local port that a test can stop (connections cut, new ones refused) and
-/// start again on the same port: a broker outage as the scaler sees it.
+/// start again on the same port: a broker outage as the scaler sees it. It listens on a loopback
+/// address of its own choosing (`127.0.0.1` by default; any `127.x.y.z` works on Linux, so two
+/// proxies can stand for two hosts) and counts the connections it accepted.
 pub struct Proxy {
     pub port: u16,
+    /// The loopback address it listens on.
+    pub ip: std::net::Ipv4Addr,
     target: u16,
+    /// Connections accepted since the start.
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
     pub async fn start(target: u16) -> Proxy {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, target).await
+    }
+
+    /// A proxy listening on `ip` (a loopback address), to `127.0.0.1:target`.
+    pub async fn start_on(ip: std::net::Ipv4Addr, target: u16) -> Proxy {
         let mut p = Proxy {
             port: free_port(),
+            ip,
             target,
+            accepted: Default::default(),
             task: None,
         };
         p.resume().await;
         p
+    }
+
+    /// `host:port` of the proxy.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// Cuts every connection and closes the port.
@@ -113,15 +131,17 @@ impl Proxy {
     pub async fn resume(&mut self) {
         self.stop();
         let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)).await {
+            match TcpListener::bind((self.ip, self.port)).await {
                 Ok(l) => break l,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
         let target = self.target;
+        let accepted = self.accepted.clone();
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 conns.spawn(async move {
                     if let Ok(mut outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target)).await

@@ -140,3 +140,67 @@ impl OwnMoto {
         );
     }
 }
+
+/// Runs a Python `script` (boto3 from the Celery virtualenv) against the suite's moto server,
+/// whose endpoint is its first argument, then `args`; returns its standard output, trimmed.
+pub fn boto3_on_suite_moto(script: &str, args: &[&str]) -> String {
+    let (host, port) = sqs_endpoint();
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(format!("http://{host}:{port}"))
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "boto3 script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Keys of a role assumed in AWS account `account` on the suite's moto server: moto acts in that
+/// account for every request signed with them (its multi-account support), so a queue created
+/// with them exists for them only.
+pub fn other_account_keys(account: &str) -> (String, String) {
+    let script = "import sys, boto3\n\
+        sts = boto3.client('sts', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+            aws_access_key_id='testing', aws_secret_access_key='testing')\n\
+        c = sts.assume_role(RoleArn='arn:aws:iam::%s:role/cks' % sys.argv[2],\n\
+            RoleSessionName='cks')['Credentials']\n\
+        print(c['AccessKeyId'], c['SecretAccessKey'])\n";
+    let out = boto3_on_suite_moto(script, &[account]);
+    let (id, secret) = out.split_once(' ').expect("two keys");
+    (id.to_string(), secret.to_string())
+}
+
+/// Creates SQS queue `name` on the suite's moto server (FIFO, with content-based deduplication,
+/// when the name ends in `.fifo`), signed with `keys` (default `testing`); returns its URL.
+pub fn create_sqs_queue(name: &str, keys: Option<(&str, &str)>) -> String {
+    let (id, secret) = keys.unwrap_or(("testing", "testing"));
+    let script = "import sys, boto3\n\
+        c = boto3.client('sqs', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+            aws_access_key_id=sys.argv[3], aws_secret_access_key=sys.argv[4])\n\
+        attrs = {'FifoQueue': 'true', 'ContentBasedDeduplication': 'true'} \\\n\
+            if sys.argv[2].endswith('.fifo') else {}\n\
+        print(c.create_queue(QueueName=sys.argv[2], Attributes=attrs)['QueueUrl'])\n";
+    boto3_on_suite_moto(script, &[name, id, secret])
+}
+
+/// (ApproximateNumberOfMessages, ApproximateNumberOfMessagesNotVisible) of the queue at `url`,
+/// read with `keys`; `None` when the server refuses (no such queue for those keys).
+pub fn sqs_attributes_at(url: &str, keys: (&str, &str)) -> Option<(u64, u64)> {
+    let script = r#"
+import sys, boto3
+c = boto3.client('sqs', endpoint_url=sys.argv[1], region_name='us-east-1',
+    aws_access_key_id=sys.argv[3], aws_secret_access_key=sys.argv[4])
+try:
+    a = c.get_queue_attributes(QueueUrl=sys.argv[2], AttributeNames=['All'])['Attributes']
+    print(a['ApproximateNumberOfMessages'], a['ApproximateNumberOfMessagesNotVisible'])
+except c.exceptions.QueueDoesNotExist:
+    print('missing')
+"#;
+    let out = boto3_on_suite_moto(script, &[url, keys.0, keys.1]);
+    let (a, b) = out.split_once(' ')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}

@@ -43,10 +43,11 @@ impl RabbitBroker {
         let mut census = result?;
         let routed = |c: &Census| c.tasks.iter().any(|t| !t.exchange.is_empty());
         let routes = if routed(&census) {
-            let mut routes = self.routes(&layout.management, false).await?;
+            let management = self.management(layout)?;
+            let mut routes = self.routes(management, false).await?;
             if census.tasks.iter().any(|t| !routes.knows(&t.exchange)) {
                 // An exchange declared since the routes were read.
-                routes = self.routes(&layout.management, true).await?;
+                routes = self.routes(management, true).await?;
             }
             routes
         } else {

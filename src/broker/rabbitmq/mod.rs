@@ -15,4 +15,4 @@ mod target;
 
 pub use amqp::RabbitBroker;
 pub use routing::{BindingRow, ExchangeRow, Routes};
-pub use target::{AmqpTls, Management, RabbitLayout, RabbitTarget, MANAGEMENT_PORT};
+pub use target::{AmqpTls, Management, ManagementApi, RabbitLayout, RabbitTarget, MANAGEMENT_PORT};

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use super::amqp::RabbitBroker;
 use super::target::RabbitLayout;
 use crate::broker::census::Census;
+use crate::broker::failover::did_not_answer;
 use crate::broker::reading::{Broker, Depth, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
 
@@ -25,6 +26,32 @@ impl Broker for RabbitBroker {
         queues: &[String],
         in_flight: bool,
     ) -> Result<Depth> {
+        // On a failover list, a connection that was open before the reading and turns out dead
+        // (its host went away since) does not fail the reading: it is dropped, and the reading
+        // runs once more on a new connection to the first host that answers.
+        let list = self.target.hosts.len() > 1;
+        let cached = list && self.connected().await;
+        match self.read_depth(layout, queues, in_flight).await {
+            Err(e) if cached && did_not_answer(&e) => {
+                self.forget_connection().await;
+                self.read_depth(layout, queues, in_flight).await
+            }
+            other => other,
+        }
+    }
+}
+
+impl RabbitBroker {
+    async fn read_depth(
+        &self,
+        layout: &RabbitLayout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Depth> {
+        // The connection first: its host (of a failover list) decides which management API a
+        // derived one is, and an AMQP failure is the reading's error.
+        self.channel_in(false).await?;
+        let management = self.management(layout)?;
         // One after the other: a missing queue closes the channel, and its NOT_FOUND must be the
         // error reported, not a closed-channel error of a concurrent declare.
         let ready = async {
@@ -36,10 +63,8 @@ impl Broker for RabbitBroker {
         };
         let unacked = async {
             if in_flight {
-                futures::future::try_join_all(
-                    queues.iter().map(|q| self.unacked(&layout.management, q)),
-                )
-                .await
+                futures::future::try_join_all(queues.iter().map(|q| self.unacked(management, q)))
+                    .await
             } else {
                 Ok(vec![0; queues.len()])
             }
@@ -64,6 +89,7 @@ impl Broker for RabbitBroker {
                 })
                 .collect(),
             unresolved: Vec::new(),
+            answered_by: self.answered_by(),
         })
     }
 }

@@ -27,14 +27,37 @@ pub struct AmqpTls {
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct RabbitLayout {
     /// Management API, from `managementUrl` or derived from the AMQP URL.
-    pub management: Management,
+    pub management: ManagementApi,
 }
 
-/// One AMQP connection: host, credentials, vhost, TLS. Equal targets share a connection.
+/// Where the management API of a reading is.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum ManagementApi {
+    /// `managementUrl`: this one, whichever AMQP host answers.
+    Given(Management),
+    /// Derived from each AMQP host (`http://host:15672/`, the AMQP credentials), one per host
+    /// of the list in its order: the reading uses the one of the host that answered.
+    Derived(Vec<Management>),
+}
+
+impl ManagementApi {
+    /// The management API of a reading served by AMQP host `host` of the list (`None` only
+    /// for a host the list does not have).
+    pub fn for_host(&self, host: usize) -> Option<&Management> {
+        match self {
+            ManagementApi::Given(m) => Some(m),
+            ManagementApi::Derived(list) => list.get(host),
+        }
+    }
+}
+
+/// One AMQP connection: host (or the hosts of a failover list), credentials, vhost, TLS. Equal
+/// targets share a connection.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RabbitTarget {
-    pub host: String,
-    pub port: u16,
+    /// The host and port of each URL: one, or the `;`-separated failover list in its order
+    /// (kombu tries them in turn). Never empty.
+    pub hosts: Vec<(String, u16)>,
     pub username: String,
     pub password: Secret,
     /// The virtual host, decoded (`/` is the default vhost).
@@ -70,14 +93,46 @@ impl fmt::Debug for Management {
 }
 
 impl RabbitTarget {
-    /// Parses a Celery AMQP broker URL from metadata key (or env var) `key`.
+    /// Parses a Celery AMQP broker URL from metadata key (or env var) `key`: one URL, or a
+    /// `;`-separated failover list of URLs that differ only in host and port.
     pub fn parse(key: &str, raw: &str) -> Result<Self> {
+        let parts: Vec<&str> = raw
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if parts.len() < 2 {
+            return Self::parse_one(key, raw);
+        }
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_url(raw)));
+        let mut list: Option<RabbitTarget> = None;
+        for part in parts {
+            let t = Self::parse_one(key, part)?;
+            match &mut list {
+                None => list = Some(t),
+                Some(first) => {
+                    if first.username != t.username
+                        || first.password != t.password
+                        || first.vhost != t.vhost
+                        || first.tls != t.tls
+                    {
+                        return Err(bad(
+                            "the URLs of a failover list must differ only in host and port (same scheme, user, password, vhost and ssl_* options): they name the nodes of one broker",
+                        ));
+                    }
+                    first.hosts.extend(t.hosts);
+                }
+            }
+        }
+        list.ok_or_else(|| bad("no URL"))
+    }
+
+    /// Parses one AMQP URL.
+    fn parse_one(key: &str, raw: &str) -> Result<Self> {
         // Redacted only when an error is built: parsing runs on every request.
         let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_url(raw)));
         if raw.contains(';') {
-            return Err(bad(
-                "several `;`-separated URLs (failover lists) are not supported: give one",
-            ));
+            return Err(bad("no URL"));
         }
         let url = Url::parse(raw.trim()).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
         if at_after_host(&url) {
@@ -138,8 +193,7 @@ impl RabbitTarget {
             None
         };
         Ok(RabbitTarget {
-            host,
-            port,
+            hosts: vec![(host, port)],
             username,
             password,
             vhost,
@@ -147,57 +201,106 @@ impl RabbitTarget {
         })
     }
 
-    /// A URL for people: the password is `***`.
+    /// A URL for people: the password is `***`; a failover list as its URLs joined by `;`.
     pub fn redacted(&self) -> String {
+        (0..self.hosts.len())
+            .map(|i| self.redacted_host(i))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// The URL of host `i` of the list, for people: the password is `***`.
+    pub fn redacted_host(&self, i: usize) -> String {
         let scheme = if self.tls.is_some() { "amqps" } else { "amqp" };
         let vhost =
             percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC);
-        format!(
-            "{scheme}://{}:***@{}:{}/{vhost}",
-            self.username, self.host, self.port
-        )
+        let (host, port) = self.host(i);
+        format!("{scheme}://{}:***@{host}:{port}/{vhost}", self.username)
     }
 
-    /// Every host a reading with `layout` contacts: the AMQP host, then the management API.
+    /// Host and port of host `i` of the list (the first if there is no such host).
+    pub fn host(&self, i: usize) -> (&str, u16) {
+        self.hosts
+            .get(i)
+            .or(self.hosts.first())
+            .map_or(("localhost", 5672), |(h, p)| (h.as_str(), *p))
+    }
+
+    /// Every host a reading with `layout` contacts: each AMQP host, then the management API
+    /// (`managementUrl`, or the one derived from each AMQP host).
     pub fn contacts(&self, layout: &RabbitLayout) -> Vec<Contact> {
-        let base = &layout.management.base;
-        vec![
-            Contact::new(HostField::Broker, &self.host, self.port, self.tls.is_some()),
-            Contact::of_url(HostField::Management, Some(base), base.as_str()),
-        ]
+        let mut contacts: Vec<Contact> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (host, port))| {
+                Contact::new(HostField::Broker(i), host, *port, self.tls.is_some())
+            })
+            .collect();
+        match &layout.management {
+            ManagementApi::Given(m) => contacts.push(Contact::of_url(
+                HostField::Management,
+                Some(&m.base),
+                m.base.as_str(),
+            )),
+            ManagementApi::Derived(list) => {
+                contacts.extend(list.iter().enumerate().map(|(i, m)| {
+                    Contact::of_url(
+                        HostField::DerivedManagement(i),
+                        Some(&m.base),
+                        m.base.as_str(),
+                    )
+                }))
+            }
+        }
+        contacts
     }
 
-    /// Puts the checked `addr` in place of the host of `field` (the AMQP host, or the
-    /// management API's in `layout`).
+    /// Puts the checked `addr` in place of the host of `field` (an AMQP host, or a management
+    /// API's in `layout`).
     pub fn pin(&mut self, layout: &mut RabbitLayout, field: &HostField, addr: IpAddr) {
-        if *field == HostField::Management {
-            pin_url(&mut layout.management.base, addr);
-        } else {
-            self.host = addr.to_string();
+        match (field, &mut layout.management) {
+            (HostField::Management, ManagementApi::Given(m)) => pin_url(&mut m.base, addr),
+            (HostField::DerivedManagement(i), ManagementApi::Derived(list)) => {
+                if let Some(m) = list.get_mut(*i) {
+                    pin_url(&mut m.base, addr);
+                }
+            }
+            (HostField::Broker(i), _) => {
+                if let Some(host) = self.hosts.get_mut(*i) {
+                    host.0 = addr.to_string();
+                }
+            }
+            _ => {}
         }
     }
 
-    /// The management API derived from this URL: same host and credentials, `http://host:15672/`.
-    /// Fails (naming `managementUrl`) for a host AMQP URLs allow but HTTP URLs do not.
-    pub fn default_management(&self) -> Result<Management> {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let base = Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}/")).map_err(|e| {
-            Error::invalid(
-                "managementUrl",
-                format!(
-                    "cannot be derived from the broker URL's host ({e}): set managementUrl, or scaleOnInFlight: \"false\""
-                ),
-            )
-        })?;
-        Ok(Management {
-            base,
-            username: self.username.clone(),
-            password: self.password.clone(),
-        })
+    /// The management API derived from each host of this URL: same host and credentials,
+    /// `http://host:15672/`, in the list's order. Fails (naming `managementUrl`) for a host AMQP
+    /// URLs allow but HTTP URLs do not.
+    pub fn derived_management(&self) -> Result<ManagementApi> {
+        let mut list = Vec::with_capacity(self.hosts.len());
+        for (host, _) in &self.hosts {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            let base = Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}/")).map_err(|e| {
+                Error::invalid(
+                    "managementUrl",
+                    format!(
+                        "cannot be derived from the broker URL's host ({e}): set managementUrl, or scaleOnInFlight: \"false\""
+                    ),
+                )
+            })?;
+            list.push(Management {
+                base,
+                username: self.username.clone(),
+                password: self.password.clone(),
+            });
+        }
+        Ok(ManagementApi::Derived(list))
     }
 }
 
@@ -313,17 +416,14 @@ mod tests {
     #[test]
     fn celery_urls() {
         let t = parse("amqp://guest:guest@localhost:5672//");
-        assert_eq!(
-            (t.host.as_str(), t.port, t.vhost.as_str()),
-            ("localhost", 5672, "/")
-        );
+        assert_eq!((t.host(0), t.vhost.as_str()), (("localhost", 5672), "/"));
         assert_eq!(parse("amqp://u:p@h/%2F").vhost, "/");
         assert_eq!(parse("amqp://u:p@h/").vhost, "/");
         assert_eq!(parse("amqp://u:p@h").vhost, "/");
         assert_eq!(parse("pyamqp://u:p@h/orders").vhost, "orders");
         assert_eq!(parse("amqp://u:p@h/a%2Fb").vhost, "a/b");
         let t = parse("amqps://u:p%40ss@h/v?ssl_ca_certs=/ca.pem");
-        assert_eq!(t.port, 5671);
+        assert_eq!(t.host(0).1, 5671);
         assert_eq!(t.password.expose(), "p@ss");
         assert_eq!(t.tls.unwrap().ca_certs, Some(PathBuf::from("/ca.pem")));
         let t = parse("amqp://");
@@ -344,7 +444,9 @@ mod tests {
     #[test]
     fn bad_urls_name_the_key() {
         for url in [
-            "amqp://a;amqp://b",
+            "amqp://u:secret@a;amqp://u:other@b",
+            "amqp://u:secret@a/v1;amqp://u:secret@b/v2",
+            "amqp://u:secret@a;amqps://u:secret@b",
             "amqps://h/?ssl_certfile=/c",
             "amqp://u:secret@h:notaport/",
             "amqp:///u:secret@h",
@@ -357,9 +459,60 @@ mod tests {
     }
 
     #[test]
+    fn failover_lists() {
+        let t = parse("amqp://u:pw@r1:5673/v;amqp://u:pw@r2/v;");
+        assert_eq!(
+            t.hosts,
+            [("r1".to_string(), 5673), ("r2".to_string(), 5672)]
+        );
+        assert_eq!(
+            t.redacted(),
+            "amqp://u:***@r1:5673/v;amqp://u:***@r2:5672/v"
+        );
+        let mut layout = RabbitLayout {
+            management: t.derived_management().unwrap(),
+        };
+        assert_eq!(
+            layout.management.for_host(1).unwrap().base.as_str(),
+            "http://r2:15672/"
+        );
+        let fields: Vec<HostField> = t.contacts(&layout).into_iter().map(|c| c.field).collect();
+        assert_eq!(
+            fields,
+            [
+                HostField::Broker(0),
+                HostField::Broker(1),
+                HostField::DerivedManagement(0),
+                HostField::DerivedManagement(1)
+            ]
+        );
+        let mut pinned = t.clone();
+        pinned.pin(
+            &mut layout,
+            &HostField::Broker(1),
+            "10.0.0.2".parse().unwrap(),
+        );
+        pinned.pin(
+            &mut layout,
+            &HostField::DerivedManagement(1),
+            "10.0.0.2".parse().unwrap(),
+        );
+        assert_eq!(pinned.host(1), ("10.0.0.2", 5672));
+        assert_eq!(
+            layout.management.for_host(1).unwrap().base.as_str(),
+            "http://10.0.0.2:15672/"
+        );
+        assert_eq!(
+            layout.management.for_host(0).unwrap().base.as_str(),
+            "http://r1:15672/"
+        );
+    }
+
+    #[test]
     fn management_endpoints() {
         let t = parse("amqp://mon:pw@rabbit.svc:5672/prod");
-        let m = t.default_management().unwrap();
+        let api = t.derived_management().unwrap();
+        let m = api.for_host(0).unwrap();
         assert_eq!(m.base.as_str(), "http://rabbit.svc:15672/");
         assert_eq!((m.username.as_str(), m.password.expose()), ("mon", "pw"));
         assert_eq!(

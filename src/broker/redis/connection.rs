@@ -17,6 +17,7 @@ use super::sentinel;
 use super::target::{RedisAddr, RedisTarget};
 use super::tracking::Tracker;
 use crate::broker::armed::Armed;
+use crate::broker::failover::{did_not_answer, none_answered, share, Rotation};
 use crate::broker::reading::ClientSettings;
 use crate::error::{Error, Result};
 use crate::secret::redact_urls;
@@ -31,6 +32,17 @@ enum Source {
     Sentinel {
         lookup: MasterLookup,
         current: Mutex<Option<ConnectionManager>>,
+    },
+    /// A `;`-separated failover list: one self-reconnecting connection per host, tried in
+    /// kombu's order from the host that answered last.
+    Failover {
+        hosts: Vec<ConnectionManager>,
+        /// The same hosts' clients, for the change-notification connection.
+        clients: Vec<Client>,
+        rotation: Rotation,
+        /// Each host's share of the deadline: a host's attempt (connect, retry, answer) ends
+        /// within it.
+        each: Duration,
     },
 }
 
@@ -130,6 +142,37 @@ impl RedisBroker {
                     current: Mutex::new(None),
                 }
             }
+            RedisAddr::Failover { hosts, .. } => {
+                // Each host gets an equal share of the deadline, so a reading that moves on
+                // from a silent host still answers in time.
+                let each = share(settings.timeout, hosts.len());
+                // No retry inside a host: the next host is the retry.
+                let host_config = config
+                    .clone()
+                    .set_connection_timeout(Some(each))
+                    .set_response_timeout(Some(each))
+                    .set_number_of_retries(0);
+                let mut managers = Vec::with_capacity(hosts.len());
+                let mut clients = Vec::with_capacity(hosts.len());
+                for i in 0..hosts.len() {
+                    let shown = target.redacted_host(i);
+                    let client = build_client(&target.host_addr(i), redis_info.clone(), &shown)?;
+                    managers.push(
+                        ConnectionManager::new_lazy_with_config(
+                            client.clone(),
+                            host_config.clone(),
+                        )
+                        .map_err(|e| convert(&shown, &target, e))?,
+                    );
+                    clients.push(client);
+                }
+                Source::Failover {
+                    rotation: Rotation::new(managers.len()),
+                    hosts: managers,
+                    clients,
+                    each,
+                }
+            }
             addr => {
                 let client = build_client(addr, redis_info, &redacted)?;
                 Source::Direct(
@@ -156,6 +199,14 @@ impl RedisBroker {
     async fn connection(&self) -> Result<ConnectionManager> {
         let (lookup, current) = match &self.source {
             Source::Direct(manager, _) => return Ok(manager.clone()),
+            Source::Failover {
+                hosts, rotation, ..
+            } => {
+                return hosts
+                    .get(rotation.current())
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("empty failover list".into()))
+            }
             Source::Sentinel { lookup, current } => (lookup, current),
         };
         let mut current = current.lock().await;
@@ -180,11 +231,17 @@ impl RedisBroker {
     }
 
     /// A client for the master as it is now, for the change-notification connection: the fixed
-    /// address, or the master the Sentinels report (looked up again, never a remembered one, so
-    /// the notifications follow a failover).
+    /// address, the host of a failover list that answered last, or the master the Sentinels
+    /// report (looked up again, never a remembered one, so the notifications follow a failover).
     pub(super) async fn master_client(&self) -> Result<Client> {
         match &self.source {
             Source::Direct(_, client) => Ok(client.clone()),
+            Source::Failover {
+                clients, rotation, ..
+            } => clients
+                .get(rotation.current())
+                .cloned()
+                .ok_or_else(|| Error::Internal("empty failover list".into())),
             Source::Sentinel {
                 lookup: MasterLookup::Crate(sentinel),
                 ..
@@ -201,12 +258,32 @@ impl RedisBroker {
         }
     }
 
+    /// Which host of a failover list the readings use now (`None` for other sources): the
+    /// change-notification connection must be on that host.
+    pub(super) fn current_host(&self) -> Option<usize> {
+        match &self.source {
+            Source::Failover { rotation, .. } => Some(rotation.current()),
+            _ => None,
+        }
+    }
+
     /// After a connection-level failure, forget a Sentinel-resolved master.
     async fn forget_master(&self, err: &redis::RedisError) {
         if let Source::Sentinel { current, .. } = &self.source {
             if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
                 *current.lock().await = None;
             }
+        }
+    }
+
+    /// The host of a failover list that answered last, as a URL for people; `None` for a
+    /// single host.
+    pub(super) fn answered_by(&self) -> Option<String> {
+        match &self.source {
+            Source::Failover { rotation, .. } => {
+                Some(self.target.redacted_host(rotation.current()))
+            }
+            _ => None,
         }
     }
 
@@ -223,6 +300,15 @@ impl RedisBroker {
     }
 
     pub(super) async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        if let Source::Failover {
+            hosts,
+            rotation,
+            each,
+            ..
+        } = &self.source
+        {
+            return self.run_failover(hosts, rotation, *each, pipe).await;
+        }
         // The manager answers with the outcome of its last reconnect attempt and only then starts
         // a new one. A refusal can be that stale outcome from while the server was down (nothing
         // was sent), so one retry waits for the fresh attempt: without it the first reading after
@@ -243,6 +329,57 @@ impl RedisBroker {
             }
         }
     }
+
+    /// kombu's failover: from the host that answered last, each host once, in the list's order;
+    /// the first that answers (even with an error of its own) serves the reading and the next
+    /// reading starts from it.
+    async fn run_failover<T: redis::FromRedisValue>(
+        &self,
+        hosts: &[ConnectionManager],
+        rotation: &Rotation,
+        each: Duration,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        let mut errors = Vec::new();
+        for i in rotation.order() {
+            let Some(mut conn) = hosts.get(i).cloned() else {
+                continue;
+            };
+            let attempt = async {
+                // One retry after a refusal, for the same stale-outcome reason as above.
+                let outcome = pipe.query_async(&mut conn).await;
+                if matches!(&outcome, Err(e) if e.is_connection_refusal()) {
+                    return pipe.query_async(&mut conn).await;
+                }
+                outcome
+            };
+            let outcome = match tokio::time::timeout(each, attempt).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    errors.push(Error::DeadlineExceeded(format!(
+                        "Redis broker {}: no answer within {each:?}",
+                        self.target.redacted_host(i)
+                    )));
+                    continue;
+                }
+            };
+            match outcome {
+                Ok(v) => {
+                    rotation.answered(i);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let err = convert(&self.target.redacted_host(i), &self.target, e);
+                    if !did_not_answer(&err) {
+                        rotation.answered(i);
+                        return Err(err);
+                    }
+                    errors.push(err);
+                }
+            }
+        }
+        Err(none_answered(errors))
+    }
 }
 
 fn build_client(
@@ -260,8 +397,10 @@ fn build_client(
             tls_params: None,
         },
         RedisAddr::Unix { path } => ConnectionAddr::Unix(path.clone()),
-        RedisAddr::Sentinel { .. } => {
-            unreachable!("sentinel targets are built by RedisBroker::new")
+        RedisAddr::Sentinel { .. } | RedisAddr::Failover { .. } => {
+            return Err(unavailable(
+                "a Sentinel or failover list is not one address".into(),
+            ))
         }
     };
     let info: ConnectionInfo = conn_addr

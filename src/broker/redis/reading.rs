@@ -51,7 +51,11 @@ impl Broker for RedisBroker {
         in_flight: bool,
     ) -> Result<(Option<Depth>, Option<Armed>)> {
         let keys = ready_keys(layout, queues);
-        match self.tracker.arm(self.master_client(), &keys).await {
+        match self
+            .tracker
+            .arm(self.master_client(), self.current_host(), &keys)
+            .await
+        {
             // The arming read was the cheap look.
             Ok(Some(arming)) => {
                 let depth = self
@@ -138,6 +142,7 @@ impl Broker for RedisBroker {
         Ok(Depth {
             queues: depths,
             unresolved: Vec::new(),
+            answered_by: self.answered_by(),
         })
     }
 }
@@ -187,7 +192,7 @@ impl RedisBroker {
                 let key = [layout.unacked_key()];
                 let arming = self
                     .tracker
-                    .arm(self.master_client(), &key)
+                    .arm(self.master_client(), self.current_host(), &key)
                     .await
                     .ok()
                     .flatten();

@@ -29,6 +29,13 @@ pub enum RedisAddr {
     },
     /// A Unix socket (`redis+socket:///path`).
     Unix { path: PathBuf },
+    /// A `;`-separated failover list of `redis://` or `rediss://` URLs, which kombu tries in
+    /// turn: the hosts in the order given. The URLs differ only in host and port; `tls` holds
+    /// the `rediss://` settings they share.
+    Failover {
+        hosts: Vec<(String, u16)>,
+        tls: Option<TlsSettings>,
+    },
     /// A master found through Redis Sentinel (`sentinel://h1:26379;sentinel://h2:26379`).
     Sentinel {
         nodes: Vec<(String, u16)>,
@@ -84,9 +91,7 @@ impl RedisTarget {
         }
         let scheme = url.scheme().to_ascii_lowercase();
         if parts.len() > 1 && scheme != "sentinel" {
-            return Err(bad(
-                "several `;`-separated URLs are only allowed for sentinel://",
-            ));
+            return Self::parse_failover(key, raw, &parts);
         }
         let username = Some(decode(url.username())).filter(|u| !u.is_empty());
         let password = url.password().map(|p| Secret::new(decode(p)));
@@ -179,6 +184,84 @@ impl RedisTarget {
         })
     }
 
+    /// A `;`-separated failover list of `redis://` or `rediss://` URLs (`parts`, from `raw`):
+    /// each URL parsed alone, and all of them the same but for host and port, so every host
+    /// of the list serves the same database with the same credentials.
+    fn parse_failover(key: &str, raw: &str, parts: &[&str]) -> Result<Self> {
+        let bad = |why: &str| Error::invalid(key, format!("{why} in `{}`", redact_url(raw)));
+        let mut hosts = Vec::with_capacity(parts.len());
+        let mut first: Option<(RedisTarget, Option<TlsSettings>)> = None;
+        for part in parts {
+            let t = RedisTarget::parse(key, part)?;
+            let (host, port, tls) = match t.addr.clone() {
+                RedisAddr::Tcp { host, port } => (host, port, None),
+                RedisAddr::Tls { host, port, tls } => (host, port, Some(tls)),
+                _ => {
+                    return Err(bad(
+                        "a `;`-separated failover list takes redis:// or rediss:// URLs (Sentinel nodes: sentinel://h1;sentinel://h2)",
+                    ))
+                }
+            };
+            match &first {
+                None => first = Some((t, tls)),
+                Some((f, f_tls)) => {
+                    if f.db != t.db
+                        || f.username != t.username
+                        || f.password != t.password
+                        || *f_tls != tls
+                    {
+                        return Err(bad(
+                            "the URLs of a failover list must differ only in host and port (same scheme, user, password, database and ssl_* options): they name the nodes of one broker",
+                        ));
+                    }
+                }
+            }
+            hosts.push((host, port));
+        }
+        let (first, tls) = first.ok_or_else(|| bad("no URL"))?;
+        Ok(RedisTarget {
+            addr: RedisAddr::Failover { hosts, tls },
+            ..first
+        })
+    }
+
+    /// How many hosts a reading may try: the URLs of a failover list, else one.
+    pub fn host_count(&self) -> usize {
+        match &self.addr {
+            RedisAddr::Failover { hosts, .. } => hosts.len(),
+            _ => 1,
+        }
+    }
+
+    /// Host `i` of a failover list as a single address (the list itself otherwise).
+    pub fn host_addr(&self, i: usize) -> RedisAddr {
+        match &self.addr {
+            RedisAddr::Failover { hosts, tls } => {
+                let (host, port) = hosts.get(i).or(hosts.first()).cloned().unwrap_or_default();
+                match tls {
+                    Some(tls) => RedisAddr::Tls {
+                        host,
+                        port,
+                        tls: tls.clone(),
+                    },
+                    None => RedisAddr::Tcp { host, port },
+                }
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// Host `i` of a failover list as a URL for people (the whole target otherwise).
+    pub fn redacted_host(&self, i: usize) -> String {
+        RedisTarget {
+            addr: self.host_addr(i),
+            db: self.db,
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
+        .redacted()
+    }
+
     /// A URL for people: the password, if any, is `***`.
     pub fn redacted(&self) -> String {
         let auth = match (&self.username, &self.password) {
@@ -197,6 +280,10 @@ impl RedisTarget {
                 path.display(),
                 self.db
             ),
+            RedisAddr::Failover { hosts, .. } => (0..hosts.len())
+                .map(|i| self.redacted_host(i))
+                .collect::<Vec<_>>()
+                .join(";"),
             RedisAddr::Sentinel { nodes, master, .. } => {
                 let list: Vec<String> = nodes
                     .iter()
@@ -227,11 +314,20 @@ impl RedisTarget {
     pub fn contacts(&self) -> Option<Vec<Contact>> {
         match &self.addr {
             RedisAddr::Tcp { host, port } => {
-                Some(vec![Contact::new(HostField::Broker, host, *port, false)])
+                Some(vec![Contact::new(HostField::Broker(0), host, *port, false)])
             }
             RedisAddr::Tls { host, port, .. } => {
-                Some(vec![Contact::new(HostField::Broker, host, *port, true)])
+                Some(vec![Contact::new(HostField::Broker(0), host, *port, true)])
             }
+            RedisAddr::Failover { hosts, tls } => Some(
+                hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (host, port))| {
+                        Contact::new(HostField::Broker(i), host, *port, tls.is_some())
+                    })
+                    .collect(),
+            ),
             RedisAddr::Unix { .. } => None,
             RedisAddr::Sentinel { nodes, .. } => Some(
                 nodes
@@ -249,6 +345,13 @@ impl RedisTarget {
     pub fn pin(&mut self, field: &HostField, addr: IpAddr) {
         match &mut self.addr {
             RedisAddr::Tcp { host, .. } => *host = addr.to_string(),
+            RedisAddr::Failover { hosts, tls: None } => {
+                if let HostField::Broker(i) = field {
+                    if let Some(node) = hosts.get_mut(*i) {
+                        node.0 = addr.to_string();
+                    }
+                }
+            }
             RedisAddr::Sentinel { nodes, .. } => {
                 if let HostField::SentinelNode(i) = field {
                     if let Some(node) = nodes.get_mut(*i) {
@@ -258,7 +361,7 @@ impl RedisTarget {
             }
             // Never pinned: a TLS host is admitted by its name alone (its certificate names it),
             // and a socket has no host.
-            RedisAddr::Tls { .. } | RedisAddr::Unix { .. } => {}
+            RedisAddr::Tls { .. } | RedisAddr::Failover { .. } | RedisAddr::Unix { .. } => {}
         }
     }
 
@@ -383,7 +486,39 @@ mod tests {
         assert_eq!(t.db, 1);
         assert!(t.is_sentinel());
         assert!(RedisTarget::parse("brokerUrl", "sentinel://s1;redis://s2").is_err());
-        assert!(RedisTarget::parse("brokerUrl", "redis://a;redis://b").is_err());
+    }
+
+    #[test]
+    fn failover_lists() {
+        let t = parse("redis://:pw@a:6380/2;redis://:pw@b/2;");
+        assert_eq!(
+            t.addr,
+            RedisAddr::Failover {
+                hosts: vec![("a".into(), 6380), ("b".into(), 6379)],
+                tls: None
+            }
+        );
+        assert_eq!((t.db, t.host_count()), (2, 2));
+        assert_eq!(t.redacted(), "redis://:***@a:6380/2;redis://:***@b:6379/2");
+        assert_eq!(t.redacted_host(1), "redis://:***@b:6379/2");
+        let contacts = t.contacts().unwrap();
+        assert_eq!(contacts[1].field, HostField::Broker(1));
+        let mut pinned = t.clone();
+        pinned.pin(&HostField::Broker(1), "10.0.0.2".parse().unwrap());
+        assert_eq!(pinned.redacted_host(1), "redis://:***@10.0.0.2:6379/2");
+        let t = parse("rediss://a/0?ssl_cert_reqs=none;rediss://b/0?ssl_cert_reqs=none");
+        assert!(matches!(t.addr, RedisAddr::Failover { tls: Some(ref tls), .. } if !tls.verify));
+        for bad in [
+            "redis://:secret@a/0;redis://:other@b/0",
+            "redis://:secret@a/0;redis://:secret@b/1",
+            "redis://:secret@a/0;rediss://:secret@b/0",
+            "redis://:secret@a/0;sentinel://b",
+            "redis://:secret@a/0;redis+socket:///s.sock",
+        ] {
+            let err = RedisTarget::parse("brokerUrlFromEnv", bad).unwrap_err();
+            assert!(err.to_string().contains("brokerUrlFromEnv"), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
     }
 
     #[test]

@@ -53,6 +53,8 @@ struct State {
     by_key: HashMap<Vec<u8>, HashSet<u64>>,
     /// The connection in use and its generation; pushes of older generations are ignored.
     live: Option<(u64, MultiplexedConnection)>,
+    /// Which host of a failover list the live connection is on.
+    live_host: Option<usize>,
     next_generation: u64,
     /// Since when the server refuses, and why.
     refused: Option<(PollReason, Instant)>,
@@ -157,17 +159,19 @@ impl Tracker {
     }
 
     /// Arms `keys` (one `EXISTS` on the tracking connection, connecting first with `client` if
-    /// needed): `None` when this broker is polled instead. An error is a failure of the
-    /// tracking connection (the caller polls this time).
+    /// needed): `None` when this broker is polled instead. `host`: the host of a failover list
+    /// the readings use now; a connection on another host is replaced (every set re-arms). An
+    /// error is a failure of the tracking connection (the caller polls this time).
     pub(super) async fn arm(
         &self,
         client: impl std::future::Future<Output = Result<Client>>,
+        host: Option<usize>,
         keys: &[String],
     ) -> Result<Option<Arming>> {
         if !self.settings.enabled || keys.is_empty() {
             return Ok(None);
         }
-        let Some((generation, mut conn)) = self.connection(client).await? else {
+        let Some((generation, mut conn)) = self.connection(client, host).await? else {
             return Ok(None);
         };
         let signal = Arc::new(Signal::default());
@@ -213,12 +217,17 @@ impl Tracker {
     async fn connection(
         &self,
         client: impl std::future::Future<Output = Result<Client>>,
+        host: Option<usize>,
     ) -> Result<Option<(u64, MultiplexedConnection)>> {
         let _connecting = self.connecting.lock().await;
         {
-            let state = lock(&self.state);
-            if let Some((generation, conn)) = &state.live {
-                return Ok(Some((*generation, conn.clone())));
+            let mut state = lock(&self.state);
+            if let Some((generation, conn)) = state.live.clone() {
+                if state.live_host == host {
+                    return Ok(Some((generation, conn)));
+                }
+                // The readings moved to another host of the failover list.
+                state.lost(generation);
             }
             if let Some((_, since)) = state.refused {
                 if since.elapsed() < RETRY_REFUSED_AFTER {
@@ -268,6 +277,7 @@ impl Tracker {
         {
             let mut state = lock(&self.state);
             state.live = Some((generation, conn.clone()));
+            state.live_host = host;
             state.refused = None;
         }
         self.set_mode(PushMode::Notified);

@@ -1,9 +1,10 @@
 //! The SQS client: `GetQueueAttributes` (approximate visible and not-visible counts) for kombu's
-//! SQS queue names, the AWS client built on first use, queue URLs resolved once and cached, SDK
-//! errors mapped to meanings.
+//! SQS queue names (URLs resolved once and cached) or at a predefined queue's URL, the AWS
+//! clients built on first use (one per region, endpoint and keys: a predefined queue may have
+//! its own), SDK errors mapped to meanings.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,7 +14,9 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use tokio::sync::OnceCell;
 
-use super::target::{sqs_queue_name, SqsLayout, SqsTarget};
+use super::names::sqs_queue_name;
+use super::predefined::PredefinedQueue;
+use super::target::{SqsLayout, SqsTarget};
 use crate::broker::census::Census;
 use crate::broker::reading::{Broker, ClientSettings, Depth, QueueDepth, ReadyPart};
 use crate::error::{Error, Result};
@@ -26,7 +29,9 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 pub struct SqsBroker {
     target: SqsTarget,
     timeout: Duration,
-    client: OnceCell<Client>,
+    /// One AWS client per effective target: the broker's own, and those of predefined queues
+    /// with their own keys, region or endpoint.
+    clients: Mutex<HashMap<SqsTarget, Arc<OnceCell<Client>>>>,
     /// SQS queue name -> queue URL.
     urls: Mutex<HashMap<String, String>>,
 }
@@ -37,13 +42,13 @@ impl SqsBroker {
         Ok(SqsBroker {
             target,
             timeout: settings.timeout,
-            client: OnceCell::new(),
+            clients: Mutex::new(HashMap::new()),
             urls: Mutex::new(HashMap::new()),
         })
     }
 
-    fn region(&self) -> String {
-        self.target
+    fn region(target: &SqsTarget) -> String {
+        target
             .region
             .clone()
             .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
@@ -55,46 +60,80 @@ impl SqsBroker {
             .unwrap_or_else(|| DEFAULT_REGION.to_string())
     }
 
-    async fn client(&self) -> &Client {
-        self.client
-            .get_or_init(|| async {
-                let timeouts = aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(self.timeout)
-                    .operation_timeout(self.timeout)
-                    .build();
-                let retry =
-                    aws_sdk_sqs::config::retry::RetryConfig::standard().with_max_attempts(2);
-                let mut loader = aws_config::defaults(BehaviorVersion::latest())
-                    .region(Region::new(self.region()))
-                    .timeout_config(timeouts)
-                    .retry_config(retry);
-                if let Some((id, secret)) = &self.target.access_key {
-                    loader = loader.credentials_provider(Credentials::new(
-                        id.clone(),
-                        secret.expose().to_string(),
-                        None,
-                        None,
-                        "celery-keda-scaler broker URL",
-                    ));
-                }
-                if let Some(endpoint) = &self.target.endpoint {
-                    loader = loader.endpoint_url(endpoint.clone());
-                }
-                Client::new(&loader.load().await)
-            })
-            .await
+    /// The client of `target` (built on first use).
+    async fn client(&self, target: &SqsTarget) -> Client {
+        let cell = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(target.clone())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let timeouts = aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(self.timeout)
+                .operation_timeout(self.timeout)
+                .build();
+            let retry = aws_sdk_sqs::config::retry::RetryConfig::standard().with_max_attempts(2);
+            let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                .region(Region::new(Self::region(target)))
+                .timeout_config(timeouts)
+                .retry_config(retry);
+            if let Some((id, secret)) = &target.access_key {
+                loader = loader.credentials_provider(Credentials::new(
+                    id.clone(),
+                    secret.expose().to_string(),
+                    None,
+                    None,
+                    "celery-keda-scaler broker URL",
+                ));
+            }
+            if let Some(endpoint) = &target.endpoint {
+                loader = loader.endpoint_url(endpoint.clone());
+            }
+            Client::new(&loader.load().await)
+        })
+        .await
+        .clone()
     }
 
-    fn convert<E, R>(&self, err: SdkError<E, R>, celery: &str, sqs: &str) -> Error
+    /// Where a predefined queue is read: its own keys and region when it has them (else the
+    /// broker's; `awsRegion` before the region its URL names), at the broker's endpoint when
+    /// one is set (as kombu sends every request there), else at the URL's own host.
+    fn predefined_target(&self, q: &PredefinedQueue) -> SqsTarget {
+        SqsTarget {
+            region: q
+                .region
+                .clone()
+                .or_else(|| self.target.region.clone())
+                .or_else(|| q.url_region.clone()),
+            endpoint: self
+                .target
+                .endpoint
+                .clone()
+                .or_else(|| Some(q.endpoint.clone())),
+            access_key: q
+                .access_key
+                .clone()
+                .or_else(|| self.target.access_key.clone()),
+        }
+    }
+
+    fn convert<E, R>(
+        &self,
+        err: SdkError<E, R>,
+        (celery, sqs): (&str, &str),
+        target: &SqsTarget,
+    ) -> Error
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        let secret = self.target.access_key.as_ref().map(|(_, s)| s);
+        let secret = target.access_key.as_ref().map(|(_, s)| s);
         let text = scrub(&DisplayErrorContext(&err).to_string(), secret);
         let msg = format!(
             "SQS {}: queue `{sqs}` (Celery queue `{celery}`): {text}",
-            self.target.redacted()
+            target.redacted()
         );
         match &err {
             SdkError::TimeoutError(_) => Error::DeadlineExceeded(msg),
@@ -110,7 +149,7 @@ impl SqsBroker {
                 "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => {
                     Error::NotFound(format!(
                         "SQS queue `{sqs}` (Celery queue `{celery}`) does not exist ({})",
-                        self.target.redacted()
+                        target.redacted()
                     ))
                 }
                 "InvalidClientTokenId"
@@ -138,13 +177,13 @@ impl SqsBroker {
             return Ok(url.clone());
         }
         let out = self
-            .client()
+            .client(&self.target)
             .await
             .get_queue_url()
             .queue_name(sqs)
             .send()
             .await
-            .map_err(|e| self.convert(e, celery, sqs))?;
+            .map_err(|e| self.convert(e, (celery, sqs), &self.target))?;
         let url = out
             .queue_url()
             .ok_or_else(|| Error::Internal(format!("SQS returned no URL for queue `{sqs}`")))?
@@ -156,11 +195,26 @@ impl SqsBroker {
         Ok(url)
     }
 
-    async fn read(&self, prefix: &str, celery: &str, in_flight: bool) -> Result<QueueDepth> {
-        let sqs = sqs_queue_name(prefix, celery);
-        let url = self.queue_url(celery, &sqs).await?;
+    async fn read(&self, layout: &SqsLayout, celery: &str, in_flight: bool) -> Result<QueueDepth> {
+        // A predefined queue is read at its URL (no lookup by name), with its own client.
+        let (target, sqs, url, predefined) = match layout.predefined.get(celery) {
+            Some(q) => {
+                let name = q.url.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+                (
+                    self.predefined_target(q),
+                    name.to_string(),
+                    q.url.clone(),
+                    true,
+                )
+            }
+            None => {
+                let sqs = sqs_queue_name(&layout.queue_name_prefix, celery);
+                let url = self.queue_url(celery, &sqs).await?;
+                (self.target.clone(), sqs, url, false)
+            }
+        };
         let mut request = self
-            .client()
+            .client(&target)
             .await
             .get_queue_attributes()
             .queue_url(&url)
@@ -172,8 +226,8 @@ impl SqsBroker {
         let out = match request.send().await {
             Ok(out) => out,
             Err(e) => {
-                let err = self.convert(e, celery, &sqs);
-                if matches!(err, Error::NotFound(_)) {
+                let err = self.convert(e, (celery, &sqs), &target);
+                if matches!(err, Error::NotFound(_)) && !predefined {
                     // Deleted (or recreated under a new URL): resolve it again next time.
                     self.urls
                         .lock()
@@ -222,15 +276,13 @@ impl Broker for SqsBroker {
     type Layout = SqsLayout;
 
     async fn depth(&self, layout: &SqsLayout, queues: &[String], in_flight: bool) -> Result<Depth> {
-        let queues = futures::future::try_join_all(
-            queues
-                .iter()
-                .map(|q| self.read(&layout.queue_name_prefix, q, in_flight)),
-        )
-        .await?;
+        let queues =
+            futures::future::try_join_all(queues.iter().map(|q| self.read(layout, q, in_flight)))
+                .await?;
         Ok(Depth {
             queues,
             unresolved: Vec::new(),
+            answered_by: None,
         })
     }
 

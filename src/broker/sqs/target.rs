@@ -1,11 +1,13 @@
 //! Amazon SQS broker URLs as Celery accepts them (`sqs://`, `sqs://KEY:SECRET@`, `sqs://host:port`),
 //! and kombu's translation of Celery queue names into SQS queue names.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use url::Url;
 
+use super::predefined::{self, PredefinedQueue};
 use crate::broker::hosts::{pin_url, Contact, HostField};
 use crate::error::{Error, Result};
 use crate::secret::{at_after_host, decode, misread_char, redact_url, Secret, AT_AFTER_HOST};
@@ -15,6 +17,26 @@ use crate::secret::{at_after_host, decode, misread_char, redact_url, Secret, AT_
 pub struct SqsLayout {
     /// kombu's `queue_name_prefix`.
     pub queue_name_prefix: String,
+    /// kombu's `predefined_queues` for the trigger's queues, by Celery queue name: each read at
+    /// its URL. Empty: queues are found by name (`GetQueueUrl`).
+    pub predefined: BTreeMap<String, PredefinedQueue>,
+}
+
+impl SqsLayout {
+    /// The hosts of the predefined queues' URLs.
+    pub fn contacts(&self) -> Vec<Contact> {
+        predefined::contacts(&self.predefined)
+    }
+
+    /// Puts the checked `addr` in place of the host of predefined queue `i`'s URL.
+    pub fn pin(&mut self, i: usize, addr: IpAddr) {
+        predefined::pin(&mut self.predefined, i, addr);
+    }
+
+    /// Whether some queue is read with the broker URL's keys (none of its own).
+    pub fn uses_broker_keys(&self) -> bool {
+        self.predefined.is_empty() || self.predefined.values().any(|q| q.access_key.is_none())
+    }
 }
 
 /// One SQS client: region, endpoint and credentials. Equal targets share a client.
@@ -156,47 +178,6 @@ pub fn parse_endpoint(raw: &str) -> Result<String> {
     Ok(raw.trim().trim_end_matches('/').to_string())
 }
 
-/// Validates `awsRegion` (`us-east-1`, `eu-central-2`, `us-gov-west-1`, ...).
-pub fn parse_region(raw: &str) -> Result<String> {
-    let r = raw.trim();
-    let ok = !r.is_empty()
-        && r.len() <= 32
-        && r.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && r.contains('-');
-    if ok {
-        Ok(r.to_string())
-    } else {
-        Err(Error::invalid(
-            "awsRegion",
-            format!(
-                "must be an AWS region such as us-east-1, got `{}`",
-                crate::secret::shown(r)
-            ),
-        ))
-    }
-}
-
-/// kombu's SQS queue name for a Celery queue: `prefix + name`, `.` -> `-`, every other ASCII
-/// punctuation but `-` and `_` -> `_`; a trailing `.fifo` is kept.
-pub fn sqs_queue_name(prefix: &str, celery_name: &str) -> String {
-    let full = format!("{prefix}{celery_name}");
-    let translate = |s: &str| -> String {
-        s.chars()
-            .map(|c| match c {
-                '.' => '-',
-                '-' | '_' => c,
-                c if c.is_ascii_punctuation() => '_',
-                c => c,
-            })
-            .collect()
-    };
-    match full.strip_suffix(".fifo") {
-        Some(stem) => format!("{}.fifo", translate(stem)),
-        None => translate(&full),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,17 +220,5 @@ mod tests {
             assert!(e.to_string().contains("awsEndpoint"), "{e}");
             assert!(!e.to_string().contains("PwaAA0aA0A"), "{e}");
         }
-        assert_eq!(parse_region("eu-central-2").unwrap(), "eu-central-2");
-        assert!(parse_region("EU WEST").is_err());
-    }
-
-    #[test]
-    fn queue_names_follow_kombu() {
-        assert_eq!(sqs_queue_name("", "celery"), "celery");
-        assert_eq!(sqs_queue_name("", "orders.high"), "orders-high");
-        assert_eq!(sqs_queue_name("prod-", "orders.high"), "prod-orders-high");
-        assert_eq!(sqs_queue_name("prod.", "a:b/c"), "prod-a_b_c");
-        assert_eq!(sqs_queue_name("", "jobs.v2.fifo"), "jobs-v2.fifo");
-        assert_eq!(sqs_queue_name("", "keep-this_one"), "keep-this_one");
     }
 }
