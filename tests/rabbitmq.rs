@@ -390,6 +390,43 @@ async fn stream_pushes_on_rabbitmq() {
     vhost.delete().await;
 }
 
+/// An idle stream looks with passive `queue.declare`s alone, never the management API: with the
+/// management API unreachable, ten fast intervals of the idle poll fail nothing (a full reading
+/// would fail at every one). Once the queue holds a message, the look finds it and the full
+/// reading (and its management API call) runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_looks_without_the_management_api() {
+    use tokio_stream::StreamExt;
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    vhost.declare("look").await;
+    let mut mq = m(&url, "look", true);
+    let dead = free_port();
+    mq.insert("managementUrl".into(), format!("http://127.0.0.1:{dead}"));
+    let errors = "celery_keda_broker_errors_total{broker=\"rabbitmq\",kind=\"unavailable\"}";
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&mq))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), stream.next())
+            .await
+            .is_err(),
+        "empty: no push, no error"
+    );
+    assert_eq!(scaler.metric(errors).await.unwrap_or(0.0), 0.0);
+
+    CeleryConf::new(&url).publish("look", &["--count", "1"]);
+    wait_for("the full reading after the publish", SETTLE, || async {
+        (scaler.metric(errors).await.unwrap_or(0.0) >= 1.0).then_some(())
+    })
+    .await;
+    vhost.delete().await;
+}
+
 // ---------------------------------------------------------------- scaleOnRunning
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,6 +322,11 @@ impl RabbitBroker {
     }
 
     pub(super) async fn ready(&self, queue: &str) -> Result<u64> {
+        self.declare(queue).await.map(|(ready, _)| ready)
+    }
+
+    /// One passive `queue.declare`: the queue's ready messages and consumers (`declare-ok`).
+    pub(super) async fn declare(&self, queue: &str) -> Result<(u64, u32)> {
         let channel = self.channel().await?;
         let options = QueueDeclareOptions {
             passive: true,
@@ -331,7 +336,7 @@ impl RabbitBroker {
             .queue_declare(queue.into(), options, FieldTable::default())
             .await
         {
-            Ok(q) => Ok(u64::from(q.message_count())),
+            Ok(q) => Ok((u64::from(q.message_count()), q.consumer_count())),
             Err(e) => {
                 // The broker closes the channel on a failed passive declare: open a fresh one next time.
                 self.amqp.lock().await.channel = None;

@@ -1,5 +1,6 @@
 //! The RabbitMQ depth reading: ready counts over AMQP, one queue after the other, beside the
-//! in-flight counts from the management API.
+//! in-flight counts from the management API. An idle poll looks with passive declares alone (no
+//! management API) and reads in full only when a queue has messages or a consumer.
 
 use std::time::Duration;
 
@@ -18,6 +19,27 @@ impl Broker for RabbitBroker {
 
     async fn census(&self, layout: &RabbitLayout, window: Duration) -> Result<Option<Census>> {
         self.inspect_active(layout, window).await.map(Some)
+    }
+
+    async fn depth_if_any(
+        &self,
+        layout: &RabbitLayout,
+        queues: &[String],
+        in_flight: bool,
+    ) -> Result<Option<Depth>> {
+        let list = self.target.hosts.len() > 1;
+        let cached = list && self.connected().await;
+        let found = match self.anything_in(queues, in_flight).await {
+            Err(e) if cached && did_not_answer(&e) => {
+                self.forget_connection().await;
+                self.anything_in(queues, in_flight).await
+            }
+            other => other,
+        }?;
+        if !found {
+            return Ok(None);
+        }
+        self.depth(layout, queues, in_flight).await.map(Some)
     }
 
     async fn depth(
@@ -42,6 +64,21 @@ impl Broker for RabbitBroker {
 }
 
 impl RabbitBroker {
+    /// The idle look: one passive `queue.declare` per queue, no management API. A queue with no
+    /// ready message and no consumer has nothing in flight either (only a consumer holds
+    /// unacknowledged deliveries), so the full reading runs only when a queue has messages or,
+    /// counting in-flight tasks, a consumer.
+    async fn anything_in(&self, queues: &[String], in_flight: bool) -> Result<bool> {
+        self.channel_in(false).await?;
+        for q in queues {
+            let (ready, consumers) = self.declare(q).await?;
+            if ready > 0 || (in_flight && consumers > 0) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     async fn read_depth(
         &self,
         layout: &RabbitLayout,
