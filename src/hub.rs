@@ -14,7 +14,9 @@
 //! set's ready sources are known empty ([`Hub::ready_known_empty`]), so KEDA's own polls of an
 //! idle set do not read them either. A reading that fails
 //! permanently ([`Error::is_permanent`]: a tenancy refusal or bad metadata) ends the poll: its
-//! streams end with that error, and nothing polls for them.
+//! streams end with that error, and nothing polls for them. Credentials or permissions the
+//! broker rejects are read again less and less often (from the fast interval, doubling, up to the
+//! active one): a password rotation is seen, and a wrong password does not knock every tick.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +67,11 @@ struct Poll {
 }
 
 impl Poll {
+    /// Whether the latest reading failed (an RPC's successful reading may have replaced it).
+    fn failed(&self) -> bool {
+        matches!(*self.sender.borrow(), Some(Err(_)))
+    }
+
     /// Whether every stream is active at the latest reading (a failed or missing reading is
     /// not active: polled fast, as before the slice of idle sets began).
     fn all_active(&self) -> bool {
@@ -171,6 +178,7 @@ impl Hub {
         let ticks = query.sources().div_ceil(MAX_SOURCES_PER_TICK).max(1);
         let idle_interval = base.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
         let active_interval = self.intervals.active.max(idle_interval);
+        let mut refused = 0u32;
         'poll: loop {
             // An inactive set is read with the cheap look and armed where the broker notifies
             // changes; an active one is read in full (KEDA polls it too).
@@ -194,6 +202,12 @@ impl Hub {
             if let (Ok(0), Some(armed)) = (&reading, &armed) {
                 set_quiet(&poll, Some(armed.view()));
             }
+            // Rejected credentials or permissions: polled less and less often (a password
+            // rotation or an ACL edit is seen within the active interval), never at every tick.
+            refused = match &reading {
+                Err(Error::Unauthenticated(_) | Error::PermissionDenied(_)) => refused + 1,
+                _ => 0,
+            };
             let permanent = matches!(&reading, Err(e) if e.is_permanent());
             if poll.sender.receiver_count() > 0 {
                 poll.sender.send_replace(Some(reading));
@@ -208,6 +222,8 @@ impl Hub {
                 let active = poll.all_active();
                 let interval = if active {
                     active_interval
+                } else if refused > 0 && poll.failed() {
+                    backoff(idle_interval, refused, active_interval)
                 } else {
                     idle_interval
                 };
@@ -257,4 +273,32 @@ impl Hub {
 
 fn set_quiet(poll: &Poll, signal: Option<Arc<Signal>>) {
     *poll.quiet.lock().unwrap_or_else(|e| e.into_inner()) = signal;
+}
+
+/// `base` doubled for each failure after the first, at most `cap`.
+fn backoff(
+    base: std::time::Duration,
+    failures: u32,
+    cap: std::time::Duration,
+) -> std::time::Duration {
+    base.saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_readings_back_off_to_the_cap() {
+        let (base, cap) = (Duration::from_millis(200), Duration::from_secs(30));
+        let steps: Vec<u64> = (1..=10)
+            .map(|n| backoff(base, n, cap).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            steps,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(backoff(base, u32::MAX, cap), cap);
+    }
 }

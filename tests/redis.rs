@@ -1364,3 +1364,62 @@ async fn failover_list_reads_the_host_that_answers() {
     scaler.stop().await;
     cleanup_redis(&base, "", &[&q]).await;
 }
+
+/// A stream whose password Redis rejects is read again less and less often (200 ms, doubling,
+/// up to 30 s) instead of knocking at every fast interval; once the password is right (here the
+/// server's is changed to the trigger's, as a rotation does), the stream pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_password_is_not_tried_at_every_tick() {
+    let server = OwnRedis::start(Some("old-pw"), None);
+    let admin_url = server.url(Some("old-pw"));
+    let url = server.url(Some("new-pw"));
+    let q = unique("rotate");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let mut conn = raw_redis(&admin_url).await;
+    let connections = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = connections(conn.clone()).await;
+    let scaler = Scaler::start().await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Readings at 0, 0.2, 0.6, 1.4 and 3.0 s (each a connection attempt, and its one retry):
+    // polled at every tick it would be 18 readings.
+    let attempts = connections(conn.clone()).await - before;
+    assert!(
+        (1..=12).contains(&attempts),
+        "{attempts} connections in 3.5 s"
+    );
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("new-pw")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    CeleryConf::new(&url).publish(&q, &["--count", "2"]);
+    let pushed = tokio::time::timeout(Duration::from_secs(40), stream.next())
+        .await
+        .expect("pushed within the 30 s cap after the rotation");
+    assert!(pushed.unwrap().unwrap().result);
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    scaler.stop().await;
+}

@@ -24,9 +24,10 @@ use crate::secret::redact_urls;
 
 /// How the connection to the server is obtained.
 enum Source {
-    /// A fixed address: the manager reconnects to it by itself; the client is kept for the
-    /// change-notification connection.
-    Direct(ConnectionManager, Client),
+    /// A fixed address: the manager reconnects to it by itself after connection errors, and is
+    /// replaced after rejected credentials (it would keep answering with that rejection); the
+    /// client builds the replacement and the change-notification connection.
+    Direct(std::sync::Mutex<ConnectionManager>, Client),
     /// A Sentinel-managed master: looked up on first use and again after a connection error,
     /// so a failover moves the scaler to the new master.
     Sentinel {
@@ -176,8 +177,10 @@ impl RedisBroker {
             addr => {
                 let client = build_client(addr, redis_info, &redacted)?;
                 Source::Direct(
-                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                        .map_err(fail)?,
+                    std::sync::Mutex::new(
+                        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                            .map_err(fail)?,
+                    ),
                     client,
                 )
             }
@@ -198,7 +201,9 @@ impl RedisBroker {
 
     async fn connection(&self) -> Result<ConnectionManager> {
         let (lookup, current) = match &self.source {
-            Source::Direct(manager, _) => return Ok(manager.clone()),
+            Source::Direct(manager, _) => {
+                return Ok(manager.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            }
             Source::Failover {
                 hosts, rotation, ..
             } => {
@@ -267,12 +272,30 @@ impl RedisBroker {
         }
     }
 
-    /// After a connection-level failure, forget a Sentinel-resolved master.
+    /// After a connection-level failure, forget a Sentinel-resolved master; after rejected
+    /// credentials, a new manager (a fixed address) or a new lookup (Sentinel) too: the
+    /// next reading connects and authenticates again, so a password rotation or an ACL edit on
+    /// the server is seen.
     async fn forget_master(&self, err: &redis::RedisError) {
-        if let Source::Sentinel { current, .. } = &self.source {
-            if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+        let rejected = err.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(err.code(), Some("WRONGPASS" | "NOAUTH"));
+        match &self.source {
+            Source::Sentinel { current, .. }
+                if rejected
+                    || err.is_io_error()
+                    || err.is_connection_dropped()
+                    || err.is_timeout() =>
+            {
                 *current.lock().await = None;
             }
+            Source::Direct(manager, client) if rejected => {
+                if let Ok(fresh) =
+                    ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone())
+                {
+                    *manager.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                }
+            }
+            _ => {}
         }
     }
 
