@@ -188,10 +188,13 @@ impl Core {
     /// Reads the broker now, looking first as cheaply as the backend allows, with the set armed
     /// for change notifications where the broker gives them
     /// ([`crate::broker::Broker::depth_armed`]): the same depth as a full reading, for the stream
-    /// polls of inactive sets. Bypasses the result window (and does not refresh it).
+    /// polls of inactive sets. Refreshes the result window with the answer, as `read_fresh` does.
     pub async fn read_armed(&self, query: &DepthQuery) -> Result<(Depth, Option<Armed>)> {
         let mut armed = None;
         let depth = self.read_broker(query, Mode::Armed(&mut armed)).await?;
+        // The window answers with this reading from now on: a push is followed at once by KEDA's
+        // own `IsActive`, which must not get an older reading of the window.
+        self.recent.insert(query.clone(), depth.clone()).await;
         Ok((depth, armed))
     }
 

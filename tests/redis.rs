@@ -1423,3 +1423,39 @@ async fn a_rejected_password_is_not_tried_at_every_tick() {
     assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
     scaler.stop().await;
 }
+
+/// KEDA answers a push with its own `IsActive` at once: that reading must be the one that was
+/// pushed, not an older one of the result window (here 5 s long, so the idle answer given just
+/// before the publish would still be in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn is_active_right_after_a_push_agrees_with_it() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("agree");
+    let m = meta(&[
+        ("brokerUrl", &url),
+        ("queues", &q),
+        ("scaleOnRunning", "false"),
+    ]);
+    let settings = ServeSettings {
+        result_window: Duration::from_secs(5),
+        ..ServeSettings::default()
+    };
+    let scaler = Scaler::start_with(BrokerEnv::default(), settings).await;
+    let mut client = scaler.client().await;
+    let mut stream = client
+        .stream_is_active(object_ref(&m))
+        .await
+        .unwrap()
+        .into_inner();
+    one_tracking_client(&url).await;
+    assert!(!active(&mut client, &m).await.unwrap());
+    CeleryConf::new(&url).publish(&q, &["--count", "1"]);
+    assert!(next_push(&mut stream, "the publish").await);
+    assert!(
+        active(&mut client, &m).await.unwrap(),
+        "IsActive right after the push"
+    );
+    assert_eq!(depth(&mut client, &m).await.unwrap(), 1);
+    scaler.stop().await;
+}
