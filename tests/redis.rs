@@ -617,7 +617,7 @@ async fn an_idle_stream_costs_one_exists_per_tick_and_an_active_one_nothing() {
 
     // Active: KEDA polls the set itself; the stream's poll waits for the active interval (30 s).
     // Whatever reading was under way at the push has finished once the depth is counted.
-    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    depth_settles(&mut client, &m, 2).await;
     reset_command_calls(&mut conn).await;
     tokio::time::sleep(TICK * 8).await;
     let active_calls = command_calls(&mut conn).await;
@@ -851,7 +851,7 @@ async fn an_armed_idle_set_is_pushed_without_being_read() {
         calls(&after, "exists") >= 1,
         "read once notified: {after:?}"
     );
-    assert_eq!(depth(&mut client, &m).await.unwrap(), 3);
+    depth_settles(&mut client, &m, 3).await;
     scaler.stop().await;
 }
 
@@ -896,7 +896,7 @@ async fn a_killed_tracking_connection_is_rearmed() {
 
     CeleryConf::new(&url).publish(&q, &["--count", "2"]);
     assert!(next_push(&mut stream, "the publish after the kill").await);
-    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    depth_settles(&mut client, &m, 2).await;
     scaler.stop().await;
 }
 
@@ -984,7 +984,7 @@ async fn a_sentinel_failover_rearms_on_the_new_master() {
     conf.master_name = Some("cksfail".into());
     conf.publish(&q, &["--count", "4"]);
     assert!(next_push(&mut stream, "the publish after the failover").await);
-    assert_eq!(depth(&mut client, &m).await.unwrap(), 4);
+    depth_settles(&mut client, &m, 4).await;
     scaler.stop().await;
 }
 
@@ -1033,7 +1033,7 @@ async fn a_user_without_client_falls_back_to_polling() {
 
     CeleryConf::new(&url).publish(&q, &["--count", "5", "--priority", "9"]);
     assert!(next_push(&mut stream, "the publish while polling").await);
-    assert_eq!(depth(&mut client, &m).await.unwrap(), 5);
+    depth_settles(&mut client, &m, 5).await;
     let metrics = scaler.admin_get("/metrics").await.1;
     assert!(!metrics.contains("notrack-pw"), "{metrics}");
     scaler.stop().await;
@@ -1420,7 +1420,7 @@ async fn a_rejected_password_is_not_tried_at_every_tick() {
         .await
         .expect("pushed within the 30 s cap after the rotation");
     assert!(pushed.unwrap().unwrap().result);
-    assert_eq!(depth(&mut client, &m).await.unwrap(), 2);
+    depth_settles(&mut client, &m, 2).await;
     scaler.stop().await;
 }
 

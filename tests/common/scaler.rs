@@ -159,6 +159,28 @@ pub async fn depth(
     depth_in(client, "default", m).await
 }
 
+/// Waits (bounded) until `GetMetrics` answers exactly `n` for `m`, and fails the test otherwise:
+/// for right after a push, whose reading may have seen only the first of several tasks a
+/// publisher sends (the result window then answers with it for a moment).
+pub async fn depth_settles(
+    client: &mut ExternalScalerClient<Channel>,
+    m: &HashMap<String, String>,
+    n: i64,
+) {
+    let started = Instant::now();
+    loop {
+        let got = depth(client, m).await;
+        if matches!(got, Ok(d) if d == n) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "GetMetrics did not settle at {n}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// [`depth`] for a ScaledObject in `namespace`.
 pub async fn depth_in(
     client: &mut ExternalScalerClient<Channel>,
