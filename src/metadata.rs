@@ -1,4 +1,4 @@
-//! Trigger metadata (the user-facing contract of DESIGN.md section 3): parsed from KEDA's string
+//! Trigger metadata (the user-facing contract, README "Trigger metadata"): parsed from KEDA's string
 //! map into a validated [`Trigger`], with errors that name the key.
 
 use std::collections::HashMap;
