@@ -230,25 +230,17 @@ impl Hub {
                 // An armed inactive set waits for the broker's notification; its next read comes
                 // no sooner than one fast interval after this one, so a busy set costs at most
                 // what polling would.
-                let notified = async {
-                    match &armed {
-                        Some(armed) if !active => {
+                let next_read = async {
+                    match armed.as_ref().filter(|_| !active) {
+                        Some(armed) => {
                             armed.changed().await;
-                            tokio::time::sleep_until(read_at + idle_interval).await;
+                            tokio::time::sleep_until(read_at + idle_interval).await
                         }
-                        _ => std::future::pending().await,
-                    }
-                };
-                let timer = async {
-                    if armed.is_some() && !active {
-                        std::future::pending().await
-                    } else {
-                        tokio::time::sleep_until(read_at + interval).await
+                        None => tokio::time::sleep_until(read_at + interval).await,
                     }
                 };
                 tokio::select! {
-                    _ = timer => break,
-                    _ = notified => break,
+                    _ = next_read => break,
                     // An RPC's reading: the interval may have changed.
                     _ = poll.offered.notified() => {}
                     _ = poll.sender.closed() => break,

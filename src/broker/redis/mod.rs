@@ -21,4 +21,3 @@ pub use layout::{
     DEFAULT_SEPARATOR,
 };
 pub use target::{RedisAddr, RedisTarget, TlsSettings};
-pub use tracking::RETRY_REFUSED_AFTER;
