@@ -20,7 +20,8 @@
 //! - [`tenancy`]: the policy: named brokers per namespace, the broker host allowlist, inline URLs
 //!   off, the scaler's AWS identity only where allowed.
 //! - [`scaler`]: the core: metadata to trigger, depth reading within the deadline.
-//! - [`hub`], [`probe`]: shared background polls behind `StreamIsActive`; the `probe` command.
+//! - [`hub`], [`probe`], [`watch`]: shared background polls behind `StreamIsActive`; the
+//!   `probe` command; the watch list's readings exported as gauges.
 //! - [`grpc`]: the `ExternalScaler` service over the core and the hub.
 //! - [`server`]: `serve`, wiring gRPC (with health and reflection) and the admin port, with
 //!   shutdown passed in as a future.
@@ -43,6 +44,7 @@ pub mod server;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
+pub mod watch;
 
 /// Code generated from `proto/externalscaler.proto`.
 pub mod proto {

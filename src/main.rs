@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use celery_keda_scaler::allowlist::HostAllowlist;
 use celery_keda_scaler::broker_env::BrokerEnv;
 use celery_keda_scaler::census::CensusSettings;
+use celery_keda_scaler::error::Error;
 use celery_keda_scaler::metadata::Limits;
 use celery_keda_scaler::metrics::Metrics;
 use celery_keda_scaler::scaler::{Core, CoreSettings};
@@ -18,6 +19,7 @@ use celery_keda_scaler::server::{serve, ServeSettings};
 use celery_keda_scaler::telemetry::{self, LogFormat};
 use celery_keda_scaler::tenancy::Tenancy;
 use celery_keda_scaler::tls::{Reloader, TlsSettings};
+use celery_keda_scaler::watch;
 use celery_keda_scaler::{install_crypto_provider, probe};
 
 /// KEDA external scaler for Celery: exact queue depth from Redis.
@@ -151,6 +153,14 @@ struct ServeArgs {
     /// Most (broker, queue) series in the celery_keda_queue_depth metric.
     #[arg(long, env = "CELERY_KEDA_MAX_QUEUE_SERIES", default_value_t = 1000)]
     max_queue_series: u32,
+    /// Queue sets the scaler reads on its own and exports as celery_keda_watched_queue_tasks:
+    /// `;`-separated entries [BROKER:]QUEUE[,QUEUE...][?KEY=VALUE&...], BROKER a named broker
+    /// (none: CELERY_BROKER_URL), e.g. `orders:celery,emails;default-queue`.
+    #[arg(long, env = "CELERY_KEDA_WATCH")]
+    watch: Option<String>,
+    /// Time between two readings of each watched queue set.
+    #[arg(long, env = "CELERY_KEDA_WATCH_INTERVAL", value_parser = parse_duration, default_value = "15s")]
+    watch_interval: Duration,
     #[command(flatten)]
     common: Common,
 }
@@ -256,6 +266,22 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         },
         _ => None,
     };
+    let limits = Limits {
+        max_keys: args.max_metadata_keys as usize,
+        max_value_bytes: args.max_metadata_value_bytes as usize,
+        max_queues: args.max_queues as usize,
+    };
+    let watch = match watch::parse(args.watch.as_deref().unwrap_or(""), &env, &limits) {
+        Ok(watch) => watch,
+        Err(e) => {
+            let message = match e {
+                Error::InvalidMetadata { message, .. } => message,
+                other => other.to_string(),
+            };
+            eprintln!("error: invalid watch list: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let grpc = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -293,14 +319,12 @@ async fn run_serve(args: ServeArgs, env: BrokerEnv) -> ExitCode {
         shutdown_grace: args.shutdown_grace,
         max_concurrent_streams: args.max_concurrent_streams,
         tls,
-        limits: Limits {
-            max_keys: args.max_metadata_keys as usize,
-            max_value_bytes: args.max_metadata_value_bytes as usize,
-            max_queues: args.max_queues as usize,
-        },
+        limits,
         max_request_bytes: args.max_request_bytes as usize,
         max_queue_series: args.max_queue_series as usize,
         tenancy: args.common.tenancy(),
+        watch,
+        watch_interval: args.watch_interval,
     };
     match serve(grpc, Some(admin), env, settings, shutdown_signal()).await {
         Ok(()) => {

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::broker::{Depth, PushMode};
+use crate::broker::{Depth, PushMode, QueueDepth};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -53,6 +53,32 @@ struct QueueLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchedLabels {
+    broker: String,
+    queue: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchedUpLabels {
+    broker: String,
+    queue: String,
+}
+
+/// The states a queue's tasks are exported in.
+const STATES: [&str; 3] = ["ready", "in_flight", "running"];
+
+/// A queue's tasks in each of [`STATES`].
+fn by_state(q: &QueueDepth) -> [(&'static str, i64); 3] {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    [
+        (STATES[0], count(q.ready_total())),
+        (STATES[1], count(q.in_flight)),
+        (STATES[2], count(q.running())),
+    ]
+}
+
 /// The scaler's metrics and the registry that encodes them.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -74,6 +100,8 @@ pub struct Metrics {
     queue_series: Mutex<std::collections::HashSet<(&'static str, String)>>,
     max_queue_series: usize,
     queue_series_dropped: Counter,
+    watched_tasks: Family<WatchedLabels, Gauge>,
+    watched_up: Family<WatchedUpLabels, Gauge>,
 }
 
 /// Default bound on exported queue series.
@@ -197,6 +225,18 @@ impl Metrics {
             "Redis broker clients by how their idle push streams learn of new tasks: mode tracking (the server notifies, CLIENT TRACKING) or polling, with the reason (disabled, resp3_unsupported, no_permission, refused); the log names each polling broker",
             push_modes.clone(),
         );
+        let watched_tasks = Family::<WatchedLabels, Gauge>::default();
+        let watched_up = Family::<WatchedUpLabels, Gauge>::default();
+        registry.register(
+            "watched_queue_tasks",
+            "Tasks of each queue of the watch list (--watch) by state: ready (waiting in the broker, every priority), in_flight (delivered to a worker, not acknowledged: reserved, or running with acks_late), running (running, already acknowledged); broker is the named broker or default. Absent while the queue's last reading failed",
+            watched_tasks.clone(),
+        );
+        registry.register(
+            "watched_queue_up",
+            "1 when the last reading of a watched queue succeeded, 0 when it failed (its watched_queue_tasks samples are then removed, never exported as 0)",
+            watched_up.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             rpcs,
@@ -216,6 +256,39 @@ impl Metrics {
             queue_series: Mutex::new(Default::default()),
             max_queue_series,
             queue_series_dropped,
+            watched_tasks,
+            watched_up,
+        }
+    }
+
+    /// Exports one reading of a watched set: every queue's tasks by state and `up` 1, or, for a
+    /// failed reading (`None`), `up` 0 and no task samples.
+    pub fn watched(&self, broker: &str, queues: &[String], depth: Option<&Depth>) {
+        for queue in queues {
+            let tasks = |state| WatchedLabels {
+                broker: broker.to_string(),
+                queue: queue.clone(),
+                state,
+            };
+            let read = depth.and_then(|d| d.queues.iter().find(|q| &q.queue == queue));
+            match read {
+                Some(q) => {
+                    for (state, value) in by_state(q) {
+                        self.watched_tasks.get_or_create(&tasks(state)).set(value);
+                    }
+                }
+                None => {
+                    for state in STATES {
+                        self.watched_tasks.remove(&tasks(state));
+                    }
+                }
+            }
+            self.watched_up
+                .get_or_create(&WatchedUpLabels {
+                    broker: broker.to_string(),
+                    queue: queue.clone(),
+                })
+                .set(i64::from(read.is_some()));
         }
     }
 
@@ -272,18 +345,14 @@ impl Metrics {
                 self.queue_series_dropped.inc();
                 continue;
             }
-            for (state, value) in [
-                ("ready", q.ready_total()),
-                ("in_flight", q.in_flight),
-                ("running", q.running()),
-            ] {
+            for (state, value) in by_state(q) {
                 self.queue_depth
                     .get_or_create(&QueueLabels {
                         broker,
                         queue: q.queue.clone(),
                         state,
                     })
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+                    .set(value);
             }
         }
     }

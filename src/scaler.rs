@@ -2,7 +2,7 @@
 //! trigger and reads its depth within the deadline.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::broker::{Armed, ClientSettings, Depth, DepthQuery, ModeSink, NotifySettings, Registry};
@@ -76,6 +76,9 @@ pub struct Core {
     /// Single flight (concurrent identical reads share one broker round trip) and the result
     /// window (a success answers identical reads for a short while). Errors are never kept.
     recent: moka::future::Cache<DepthQuery, Depth>,
+    /// The latest successful reading of each watched query (`None` after a failed one), kept
+    /// so the watch list uses what a trigger read within its interval.
+    shared: Mutex<HashMap<DepthQuery, Option<(Instant, Depth)>>>,
     censuses: Arc<Censuses>,
 }
 
@@ -105,6 +108,7 @@ impl Core {
                 .max_capacity(MAX_CACHED_QUERIES)
                 .time_to_live(settings.result_window.max(Duration::from_nanos(1)))
                 .build(),
+            shared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -166,6 +170,30 @@ impl Core {
             .try_get_with_by_ref(query, self.read_broker(query, Mode::Full))
             .await
             .map_err(|e| (*e).clone())
+    }
+
+    /// Keeps the latest reading of `query`, whoever makes it, for [`Core::read_shared`].
+    pub fn share_readings(&self, query: &DepthQuery) {
+        self.shared_readings().entry(query.clone()).or_insert(None);
+    }
+
+    /// A reading of `query` made after `since`: the latest one (a trigger's, a stream poll's)
+    /// if it succeeded after `since` and nothing failed since, otherwise a new one as
+    /// [`Core::read`] makes it. `query` must have been passed to [`Core::share_readings`]
+    /// first, or every call reads.
+    pub async fn read_shared(&self, query: &DepthQuery, since: Instant) -> Result<Depth> {
+        if let Some(Some((at, depth))) = self.shared_readings().get(query) {
+            if *at > since {
+                return Ok(depth.clone());
+            }
+        }
+        self.read(query).await
+    }
+
+    fn shared_readings(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<DepthQuery, Option<(Instant, Depth)>>> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the broker now (still sharing a reading under way), and refreshes the result
@@ -266,6 +294,15 @@ impl Core {
                 self.deadline
             ))),
         };
+        {
+            let mut shared = self.shared_readings();
+            if let Some(slot) = (!shared.is_empty())
+                .then(|| shared.get_mut(query))
+                .flatten()
+            {
+                *slot = result.as_ref().ok().map(|d| (Instant::now(), d.clone()));
+            }
+        }
         match &result {
             Ok(depth) => self
                 .metrics

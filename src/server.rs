@@ -24,6 +24,7 @@ use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::scaler::{Core, CoreSettings};
 use crate::tenancy::Tenancy;
 use crate::tls::{self, Reloader};
+use crate::watch::{self, Watched};
 
 /// Everything `serve` needs, validated before anything binds.
 #[derive(Clone, Debug)]
@@ -62,6 +63,10 @@ pub struct ServeSettings {
     pub max_queue_series: usize,
     /// Named brokers per namespace, host allowlist, inline URLs, the scaler's AWS identity.
     pub tenancy: Tenancy,
+    /// The watch list (`--watch`), already checked against the brokers of the environment.
+    pub watch: Vec<Watched>,
+    /// Time between two readings of each watched set.
+    pub watch_interval: Duration,
 }
 
 impl Default for ServeSettings {
@@ -83,6 +88,8 @@ impl Default for ServeSettings {
             max_request_bytes: 1024 * 1024,
             max_queue_series: 1000,
             tenancy: Tenancy::default(),
+            watch: Vec::new(),
+            watch_interval: crate::watch::DEFAULT_INTERVAL,
         }
     }
 }
@@ -150,6 +157,12 @@ pub async fn serve(
         active: settings.stream_active_poll_interval,
     };
     let hub = Hub::new(core.clone(), intervals, token.clone());
+    let watcher = tokio::spawn(watch::run(
+        core.clone(),
+        settings.watch,
+        settings.watch_interval,
+        token.clone(),
+    ));
     let service = Service::new(core.clone(), hub, token.clone());
 
     let (health_reporter, health_service) = health::service(token.clone());
@@ -242,6 +255,9 @@ pub async fn serve(
             Ok(())
         }
     };
+    // The watch loop ends at the token; a reading under way is bounded by the deadline. It must
+    // be over before the censuses stop, or a reading could start a census loop again.
+    let _ = watcher.await;
     core.stop_censuses().await;
     if let Some(task) = admin_task {
         if let Ok(Ok(r)) = tokio::time::timeout(grace, task).await {

@@ -1459,3 +1459,174 @@ async fn is_active_right_after_a_push_agrees_with_it() {
     assert_eq!(depth(&mut client, &m).await.unwrap(), 1);
     scaler.stop().await;
 }
+
+// The watch list (--watch)
+
+/// `celery_keda_watched_queue_tasks{broker,queue,state}` for `queue` of the default broker.
+fn watched(queue: &str, state: &str) -> String {
+    format!("celery_keda_watched_queue_tasks{{broker=\"default\",queue=\"{queue}\",state=\"{state}\"}} ")
+}
+
+/// A scaler whose watch list is `watch` over `env`, read every `interval`.
+async fn watching(env: BrokerEnv, watch: &str, interval: Duration) -> Scaler {
+    let list = celery_keda_scaler::watch::parse(watch, &env, &Default::default())
+        .expect("the watch list parses");
+    Scaler::start_with(
+        env,
+        ServeSettings {
+            watch: list,
+            watch_interval: interval,
+            ..ServeSettingsExt::no_window()
+        },
+    )
+    .await
+}
+
+/// Watched queues are exported by state with exact counts from real Celery: ten tasks over the
+/// four priority lists are ready; an ETA task a worker holds is in flight; two tasks the worker
+/// runs after acknowledging them are running. A watched queue whose broker does not answer is
+/// `up` 0 with no task samples (never 0 tasks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_queues_are_exported_by_state() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let (ready, busy) = (unique("w-ready"), unique("w-busy"));
+    let marker = unique("w-started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(redis_url());
+    assert_eq!(conf.publish(&ready, &["--priorities", "0-9"]), 10);
+    conf.publish(&busy, &["--countdown", "600"]);
+    conf.publish(
+        &busy,
+        &["--count", "2", "--seconds", "60", "--marker", &marker],
+    );
+    let _worker = conf.worker(&[&busy], 2);
+    wait_started(&marker, 2).await;
+    wait_llen(&url, &busy, 0).await;
+
+    let down = format!("redis://127.0.0.1:{}/0", free_port());
+    let env = BrokerEnv::from_vars([
+        ("CELERY_BROKER_URL".to_string(), url.clone()),
+        ("CELERY_KEDA_BROKER_DOWN".to_string(), down),
+    ])
+    .unwrap();
+    let scaler = watching(
+        env,
+        &format!("{ready},{busy}; down:lost"),
+        Duration::from_millis(500),
+    )
+    .await;
+    let expected = [
+        (watched(&ready, "ready"), 10.0),
+        (watched(&ready, "in_flight"), 0.0),
+        (watched(&ready, "running"), 0.0),
+        (watched(&busy, "ready"), 0.0),
+        (watched(&busy, "in_flight"), 1.0),
+        (watched(&busy, "running"), 2.0),
+        (
+            "celery_keda_watched_queue_up{broker=\"default\",queue=\"".to_string()
+                + &ready
+                + "\"} ",
+            1.0,
+        ),
+        (
+            "celery_keda_watched_queue_up{broker=\"down\",queue=\"lost\"} ".to_string(),
+            0.0,
+        ),
+    ];
+    let body = wait_for("the watched gauges", SETTLE, || {
+        let scaler = &scaler;
+        let expected = &expected;
+        async move {
+            let body = scaler.admin_get("/metrics").await.1;
+            expected
+                .iter()
+                .all(|(line, v)| metric_in(&body, line) == Some(*v))
+                .then_some(body)
+        }
+    })
+    .await;
+    assert!(
+        !body.contains("celery_keda_watched_queue_tasks{broker=\"down\""),
+        "a failed reading exports no task samples:\n{body}"
+    );
+    // The queue empties: its ready gauge follows at the next reading.
+    let mut conn = raw_redis(&url).await;
+    cleanup_redis(&url, "", &[&ready]).await;
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    wait_for("the ready gauge back to 0", SETTLE, || {
+        let scaler = &scaler;
+        let line = watched(&ready, "ready");
+        async move { (scaler.metric(&line).await == Some(0.0)).then_some(()) }
+    })
+    .await;
+    scaler.stop().await;
+    drop(_worker);
+    cleanup_redis(&url, "", &[&busy]).await;
+}
+
+/// A watched set that a trigger also reads costs the broker nothing more: while KEDA's calls
+/// read it more often than the watch interval, the watch list exports their readings (every
+/// `LLEN` the broker served is one of a `GetMetrics`), and follows them exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_set_a_trigger_reads_is_not_read_again() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("w-shared");
+    let env = BrokerEnv::from_vars([("CELERY_BROKER_URL".to_string(), url.clone())]).unwrap();
+    let scaler = watching(
+        env,
+        &format!("{q}?scaleOnRunning=false"),
+        Duration::from_secs(2),
+    )
+    .await;
+    // The watch list's first reading, its own.
+    wait_for("the first watched reading", SETTLE, || {
+        let scaler = &scaler;
+        let line = watched(&q, "ready");
+        async move { (scaler.metric(&line).await == Some(0.0)).then_some(()) }
+    })
+    .await;
+    let mut conn = raw_redis(&url).await;
+    // What the same Celery publish costs by itself (kombu sizes the queue it declares), measured
+    // on a queue that nothing else reads.
+    let alone = format!("{q}-alone");
+    reset_command_calls(&mut conn).await;
+    CeleryConf::new(&url).publish(&alone, &["--priorities", "0-6"]);
+    let publisher_llen = calls(&command_calls(&mut conn).await, "llen");
+    cleanup_redis(&url, "", &[&alone]).await;
+    reset_command_calls(&mut conn).await;
+    let mut client = scaler.client().await;
+    let m = meta(&[("queues", &q), ("scaleOnRunning", "false")]);
+    // Real Celery publishes 7 tasks while KEDA's calls go on every 200 ms (its process start
+    // takes longer than a watch interval on a loaded machine: the calls must not wait for it).
+    let publisher = {
+        let conf = CeleryConf::new(&url);
+        let q = q.clone();
+        tokio::task::spawn_blocking(move || conf.publish(&q, &["--priorities", "0-6"]))
+    };
+    let mut calls_made = 0;
+    let mut after = 0;
+    while after < 15 {
+        let n = depth(&mut client, &m).await.unwrap();
+        calls_made += 1;
+        if n == 7 {
+            after += 1;
+        } else {
+            assert!(n < 7, "{n}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(publisher.await.unwrap(), 7);
+    // 15 calls (3 s) after the last task was written, with a 2 s watch interval: the watch list
+    // ticked at least once on a trigger's reading of the 7 tasks.
+    assert_eq!(scaler.metric(&watched(&q, "ready")).await, Some(7.0));
+    let counts = command_calls(&mut conn).await;
+    assert_eq!(
+        calls(&counts, "llen"),
+        calls_made * 4 + publisher_llen,
+        "one LLEN per priority list per GetMetrics ({calls_made}), none for the watch list: {counts:?}"
+    );
+    scaler.stop().await;
+    cleanup_redis(&url, "", &[&q]).await;
+}
