@@ -583,3 +583,101 @@ async fn failover_list_management_follows_the_host_that_answered() {
     scaler.stop().await;
     vhost.delete().await;
 }
+
+/// The watched gauges beside Flower's queue lengths on RabbitMQ, on one state made by real
+/// Celery: a worker (2 threads, prefetch multiplier 1, early ack) runs two long tasks, holds an
+/// ETA task and what it prefetched; ten tasks wait. The management API's settled counters are the
+/// truth: Flower reports ready + unacknowledged as one number and misses the running tasks,
+/// which RabbitMQ no longer holds (docs/BENCHMARKS.md, "Watched queues beside Flower").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_numbers_beside_flower() {
+    let vhost = Vhost::create().await;
+    let url = vhost.url();
+    let q = "flower";
+    let marker = unique("flower-started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(redis_url());
+    conf.publish(
+        q,
+        &["--count", "2", "--seconds", "120", "--marker", &marker],
+    );
+    let worker = conf.worker(&[q], 2);
+    wait_started(&marker, 2).await;
+    conf.publish(q, &["--countdown", "600"]);
+    conf.publish(q, &["--count", "10"]);
+    // The management API's counters, once they stop changing: (ready, unacknowledged).
+    let read_state = || async {
+        let s = vhost.queue(q).await.expect("the queue's counters");
+        (
+            s["messages_ready"].as_u64().unwrap_or(u64::MAX),
+            s["messages_unacknowledged"].as_u64().unwrap_or(u64::MAX),
+        )
+    };
+    let started = std::time::Instant::now();
+    let mut state = read_state().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let now = read_state().await;
+        if now == state && now.0 + now.1 == 11 {
+            break;
+        }
+        assert!(
+            started.elapsed() < SETTLE * 2,
+            "the counters did not settle: {now:?}"
+        );
+        state = now;
+    }
+    let (ready, unacked) = state;
+
+    let env = celery_keda_scaler::broker_env::BrokerEnv::from_vars([(
+        "CELERY_BROKER_URL".to_string(),
+        url.clone(),
+    )])
+    .unwrap();
+    let list = celery_keda_scaler::watch::parse(q, &env, &Default::default()).unwrap();
+    let scaler = Scaler::start_with(
+        env,
+        celery_keda_scaler::server::ServeSettings {
+            watch: list,
+            watch_interval: Duration::from_millis(500),
+            ..Default::default()
+        },
+    )
+    .await;
+    let gauge = |state: &str| {
+        format!("celery_keda_watched_queue_tasks{{broker=\"default\",queue=\"{q}\",state=\"{state}\"}} ")
+    };
+    let expected = [("ready", ready), ("in_flight", unacked), ("running", 2)];
+    wait_for("the watched gauges at the broker's numbers", SETTLE, || {
+        let scaler = &scaler;
+        let gauge = &gauge;
+        async move {
+            let body = scaler.admin_get("/metrics").await.1;
+            expected
+                .iter()
+                .all(|(state, n)| metric_in(&body, &gauge(state)) == Some(*n as f64))
+                .then_some(())
+        }
+    })
+    .await;
+
+    let port = free_port();
+    let api = management_base().replacen("://", "://guest:guest@", 1) + "/api/";
+    let _flower = conf.flower(port, Some(&api));
+    let flower = wait_for("Flower's queue length", SETTLE, || async move {
+        flower_queue_lengths(port).await?.get(q).copied()
+    })
+    .await;
+    eprintln!(
+        "flower-comparison rabbitmq: ready {ready}, in flight {unacked}, running 2; \
+         watched gauges: {ready} / {unacked} / 2; Flower /api/queues/length: {flower}"
+    );
+    assert_eq!(
+        flower,
+        ready + unacked,
+        "Flower reports the management API's `messages` (ready + unacknowledged)"
+    );
+    scaler.stop().await;
+    drop(worker);
+    vhost.delete().await;
+}

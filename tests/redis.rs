@@ -1630,3 +1630,146 @@ async fn a_watched_set_a_trigger_reads_is_not_read_again() {
     scaler.stop().await;
     cleanup_redis(&url, "", &[&q]).await;
 }
+
+/// The watched gauges beside Flower's queue lengths, on one broker state made by real Celery: a
+/// worker (2 threads, prefetch multiplier 1, early ack) runs two long tasks, holds an ETA task
+/// and whatever it prefetched, and ten tasks wait over the four priority lists. The broker's own
+/// numbers (`LLEN` of every priority list, `HLEN unacked`) are the truth both are held to:
+/// Flower reports the ready tasks only (docs/BENCHMARKS.md, "Watched queues beside Flower").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_numbers_beside_flower() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let q = unique("flower");
+    let marker = unique("flower-started");
+    let mut conf = CeleryConf::new(&url);
+    conf.marker_redis = Some(redis_url());
+    conf.publish(
+        &q,
+        &["--count", "2", "--seconds", "120", "--marker", &marker],
+    );
+    let _worker = conf.worker(&[&q], 2);
+    wait_started(&marker, 2).await;
+    conf.publish(&q, &["--countdown", "600"]);
+    conf.publish(&q, &["--priorities", "0-9"]);
+    // The broker's state, once the worker has stopped taking messages: (ready, unacked).
+    let mut conn = raw_redis(&url).await;
+    let read_state = || {
+        let mut pipe = redis::pipe();
+        for suffix in ["", "\x06\x163", "\x06\x166", "\x06\x169"] {
+            pipe.llen(format!("{q}{suffix}"));
+        }
+        pipe.hlen("unacked");
+        let mut conn = conn.clone();
+        async move {
+            let c: Vec<u64> = pipe.query_async(&mut conn).await.unwrap();
+            (c[..4].iter().sum::<u64>(), c[4])
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut state = read_state().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = read_state().await;
+        if now == state {
+            break;
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "the broker state did not settle"
+        );
+        state = now;
+    }
+    let (ready, unacked) = state;
+    assert_eq!(
+        ready + unacked,
+        11,
+        "the 10 tasks and the ETA task, ready or held"
+    );
+
+    let env = BrokerEnv::from_vars([("CELERY_BROKER_URL".to_string(), url.clone())]).unwrap();
+    let scaler = watching(env, &q, Duration::from_millis(500)).await;
+    let expected = [("ready", ready), ("in_flight", unacked), ("running", 2)];
+    wait_for("the watched gauges at the broker's numbers", SETTLE, || {
+        let scaler = &scaler;
+        let q = &q;
+        async move {
+            let body = scaler.admin_get("/metrics").await.1;
+            expected
+                .iter()
+                .all(|(state, n)| metric_in(&body, &watched(q, state)) == Some(*n as f64))
+                .then_some(())
+        }
+    })
+    .await;
+
+    let port = free_port();
+    let _flower = conf.flower(port, None);
+    let flower = wait_for("Flower's queue length", SETTLE, || {
+        let q = &q;
+        async move { flower_queue_lengths(port).await?.get(q.as_str()).copied() }
+    })
+    .await;
+    eprintln!(
+        "flower-comparison redis: ready {ready}, in flight {unacked}, running 2; \
+         watched gauges: {ready} / {unacked} / 2; Flower /api/queues/length: {flower}"
+    );
+    assert_eq!(
+        flower, ready,
+        "Flower counts every priority list, and nothing else"
+    );
+    assert!(unacked >= 1, "the worker holds the ETA task: {unacked}");
+    scaler.stop().await;
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+/// A watch list of 100 queues on one Redis, written as one entry, costs one pipelined round trip
+/// per interval: every priority list of every queue and the `unacked` hash in one request. Round
+/// trips are counted by the server (`total_writes_processed` of `INFO stats`: one reply write per
+/// request batch) over the readings it served (`LLEN` calls / 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_list_of_100_queues_is_one_round_trip_per_interval() {
+    let server = OwnRedis::start(None, None);
+    let url = server.url(None);
+    let queues: Vec<String> = (0..100).map(|i| format!("w100-{i}")).collect();
+    let env = BrokerEnv::from_vars([("CELERY_BROKER_URL".to_string(), url.clone())]).unwrap();
+    let scaler = watching(
+        env,
+        &format!("{}?scaleOnRunning=false", queues.join(",")),
+        Duration::from_millis(500),
+    )
+    .await;
+    wait_for("the first watched reading", SETTLE, || {
+        let scaler = &scaler;
+        let line = watched(&queues[99], "ready");
+        async move { (scaler.metric(&line).await == Some(0.0)).then_some(()) }
+    })
+    .await;
+    let mut conn = raw_redis(&url).await;
+    let writes = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_writes_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    reset_command_calls(&mut conn).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let counts = command_calls(&mut conn).await;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let readings = calls(&counts, "llen") / 400;
+    assert_eq!(calls(&counts, "llen"), readings * 400, "{counts:?}");
+    assert!(readings >= 5, "ten intervals in 5 s: {readings} readings");
+    // Our own replies written since the reset: CONFIG RESETSTAT's (written after the reset) and
+    // INFO commandstats'; INFO stats' reply is written after it read the counter.
+    let own = 2;
+    assert_eq!(
+        writes(info) - own,
+        readings,
+        "one round trip per reading ({readings}): {counts:?}"
+    );
+    scaler.stop().await;
+}

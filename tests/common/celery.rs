@@ -1,5 +1,6 @@
-//! Real Celery: the Python interpreter with Celery, the test app's configuration, publishing
-//! and workers.
+//! Real Celery: the Python interpreter with Celery, the test app's configuration, publishing,
+//! workers, and Flower beside them.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -136,4 +137,40 @@ impl CeleryConf {
         self.apply(&mut cmd);
         ChildGuard(cmd.spawn().expect("celery worker starts"))
     }
+
+    /// Starts Flower (`celery flower`, from PyPI) on 127.0.0.1:`port` for this app, its HTTP API
+    /// open without authentication (`FLOWER_UNAUTHENTICATED_API`); `broker_api`: the RabbitMQ
+    /// management API it reads queue lengths from.
+    pub fn flower(&self, port: u16, broker_api: Option<&str>) -> ChildGuard {
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "celery", "-A", "cks_app", "flower"])
+            .arg(format!("--port={port}"))
+            .arg("--address=127.0.0.1")
+            .env("FLOWER_UNAUTHENTICATED_API", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(api) = broker_api {
+            cmd.arg(format!("--broker_api={api}"));
+        }
+        self.apply(&mut cmd);
+        ChildGuard(cmd.spawn().expect("celery flower starts"))
+    }
+}
+
+/// Flower's `GET /api/queues/length`: the queues it knows (those of the workers it has seen)
+/// and the `messages` it reports for each; `None` until it answers.
+pub async fn flower_queue_lengths(port: u16) -> Option<HashMap<String, u64>> {
+    let body: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{port}/api/queues/length"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+    body["active_queues"]
+        .as_array()?
+        .iter()
+        .map(|q| Some((q["name"].as_str()?.to_string(), q["messages"].as_u64()?)))
+        .collect()
 }
