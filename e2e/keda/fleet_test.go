@@ -169,6 +169,14 @@ func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redis
 			harness.Apply(b, ns, dep, o)
 		}
 	}
+	waitFleetReady(b, namespaces, sets*perSet)
+	harness.Logf("Fleet %s: %d ScaledObjects Ready in %s", prefix, sets*perSet, time.Since(start).Round(time.Second))
+	return namespaces
+}
+
+// waitFleetReady waits (up to 30 min) until want ScaledObjects in namespaces are Ready.
+func waitFleetReady(b testing.TB, namespaces []string, want int) {
+	b.Helper()
 	// KEDA's operator reconciles about 2 ScaledObjects a second here (its default client rate
 	// limit, --kube-api-qps 20, with some ten API calls per new ScaledObject): 1,000 take ~9 min.
 	deadline := time.Now().Add(30 * time.Minute)
@@ -185,16 +193,14 @@ func createFleet(b testing.TB, prefix, variant, scalerAddr, broker string, redis
 				}
 			}
 		}
-		if ready == sets*perSet {
+		if ready == want {
 			break
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("%d of %d ScaledObjects Ready after 30 min", ready, sets*perSet)
+			b.Fatalf("%d of %d ScaledObjects Ready after 30 min", ready, want)
 		}
 		time.Sleep(2 * time.Second)
 	}
-	harness.Logf("Fleet %s: %d ScaledObjects Ready in %s", prefix, sets*perSet, time.Since(start).Round(time.Second))
-	return namespaces
 }
 
 // waitFleetReplicas waits until want Deployments in namespaces have exactly replicas.
