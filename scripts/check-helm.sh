@@ -156,6 +156,7 @@ refuse "/tenancy/allowedBrokerHosts" --set tenancy.allowedBrokerHosts=redis.svc
 refuse "/serviceMonitor/interval" --set serviceMonitor.interval=30
 refuse "/extraEnv/0" --set 'extraEnv[0].value=x'
 refuse "/brokers/named/orders" --set brokers.named.orders.secretName=s
+refuse "/prometheusRule/backlog/for" --set prometheusRule.backlog.for=15min
 # TLS half configured: on without certificates, certificates without TLS on, two sources.
 refuse "/tls" --set tls.enabled=true
 refuse "/tls" --set tls.certManager.enabled=true

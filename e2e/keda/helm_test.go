@@ -720,11 +720,38 @@ func monitoringQueries(t *testing.T) []query {
 	return queries
 }
 
+// runUnattributedTask makes the census of broker (a Redis database) find a running task it can
+// attribute to no queue, as README's runbook of CeleryKedaCensusUnresolvedTasks describes: a real
+// Celery worker consumes queue, bound to a direct exchange of its own, and runs (early ack) a task
+// published through that exchange; then the exchange's binding table is deleted. The worker is
+// stopped when the test ends (its warm shutdown waits at most the harness' 15 s for the task).
+func runUnattributedTask(t *testing.T, pub *harness.Publisher, broker, queue string) {
+	t.Helper()
+	exchange := queue + "-exchange"
+	routes := fmt.Sprintf(`CKS_TASK_QUEUES=[{"name": %q, "exchange": %q, "type": "direct", "routing_key": "k"}]`, queue, exchange)
+	harness.StartWorkerEnv(t, broker, []string{queue}, 1, "CKS_MARKER_REDIS="+broker, routes)
+	marker := "helm-metrics-unattributed"
+	// publish.py declares the queue and its binding first, so the task is routed before the worker is up.
+	publish := exec.Command(harness.Python, filepath.Join(harness.RepoRoot, "tests", "celery_app", "publish.py"),
+		"--queue", queue, "--exchange", exchange, "--routing-key", "k", "--seconds", "600", "--marker", marker)
+	publish.Env = append(os.Environ(), "CKS_BROKER="+broker, routes)
+	if out, err := publish.CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "1" {
+		t.Fatalf("publish.py through %s: %v\n%s", exchange, err, out)
+	}
+	pub.WaitStarted(t, marker, 1)
+	out, err := exec.Command("redis-cli", "-u", broker, "DEL", "_kombu.binding."+exchange).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "1" {
+		t.Fatalf("redis-cli DEL _kombu.binding.%s (want 1 key deleted): %v: %s", exchange, err, out)
+	}
+}
+
 // TestHelmMonitoringMetricsExist: every metric and label (and label value) that the chart's
 // alerts and dashboard query exists in the real /metrics of running scalers after real readings:
 // a scaler of the test's own read by KEDA (one ScaledObject on a Redis database of the test's with
 // tasks waiting, one on a Redis port nobody listens on: broker and census errors; no other test's
-// readings in its /metrics), and a scaler with TLS whose
+// readings in its /metrics) that also watches two queues of that database (--watch, its default
+// broker), one of them running a task a real Celery worker took through an exchange whose binding
+// is then deleted (a running task the census attributes to no queue), and a scaler with TLS whose
 // certificate files are replaced by a broken and then a valid set and that gets a plaintext
 // connection on its TLS port. Renaming a metric or a label breaks this test, not the dashboard.
 func TestHelmMonitoringMetricsExist(t *testing.T) {
@@ -745,13 +772,16 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 	for _, family := range []string{"celery_keda_queue_depth", "celery_keda_rpc", "celery_keda_rpc_duration_seconds",
 		"celery_keda_broker_read_duration_seconds", "celery_keda_broker_errors", "celery_keda_census_age_seconds",
 		"celery_keda_census_failures", "celery_keda_streams", "celery_keda_shared_polls", "celery_keda_queue_series_dropped",
-		"celery_keda_tls_reloads", "celery_keda_tls_handshake_failures", "celery_keda_refusals"} {
+		"celery_keda_tls_reloads", "celery_keda_tls_handshake_failures", "celery_keda_refusals",
+		"celery_keda_watched_queue_tasks", "celery_keda_watched_queue_up", "celery_keda_census_unresolved_tasks"} {
 		if !names[family] {
 			t.Errorf("no alert or dashboard query uses %s (extracted: %v)", family, names)
 		}
 	}
 	for _, f := range []string{`celery_keda_queue_depth{state="in_flight"}`, `celery_keda_tls_reloads_total{result="error"}`,
-		`celery_keda_rpc_total{code}`, `celery_keda_census_failures_total{broker}`} {
+		`celery_keda_rpc_total{code}`, `celery_keda_census_failures_total{broker}`,
+		`celery_keda_watched_queue_tasks{state="ready"}`, `celery_keda_watched_queue_up{queue}`,
+		`celery_keda_census_unresolved_tasks_total{broker}`} {
 		if !facts[f] {
 			t.Errorf("the extracted requirements lack %s", f)
 		}
@@ -760,14 +790,18 @@ func TestHelmMonitoringMetricsExist(t *testing.T) {
 		t.Fatalf("with nothing scraped, %d of %d requirements count as met", len(reqs)-len(left), len(reqs))
 	}
 
-	// Readings by KEDA on a plain scaler of the test's own.
-	plain := harness.OwnScaler(t, "helm-metrics", nil)
-	queue := "helm-metrics"
+	// Readings by KEDA on a plain scaler of the test's own, which also watches the queue KEDA
+	// reads and a queue with a running task the census cannot attribute (its default broker is
+	// the test's database).
+	queue, lost := "helm-metrics", "helm-metrics-lost"
 	broker := harness.LeaseRedisDB(t).URL
+	plain := harness.OwnScaler(t, "helm-metrics", []string{"--watch", queue + "," + lost, "--watch-interval", "1s"},
+		"CELERY_BROKER_URL="+broker)
 	pub := harness.NewPublisher(t, broker)
 	pub.Purge(t, queue)
 	t.Cleanup(func() { pub.Purge(t, queue) })
 	pub.Publish(t, queue, 3, 0)
+	runUnattributedTask(t, pub, broker, lost)
 	okNS := harness.Namespace(t, "helm-metrics-ok")
 	secret, deployment, so := harness.RedisWorkerExample(t, broker)
 	harness.SetTrigger(t, so, "queues", queue)
