@@ -119,6 +119,8 @@ for bin in rabbitmq-server rabbitmqctl rabbitmq-plugins; do
         break
     fi
 done
+# Prometheus, for the KEDA suite's plain HPA without KEDA (e2e/keda/prometheus_adapter_test.go).
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif [ ! -x "$VENV/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -138,7 +140,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         note "apt-get install reported an error (often a service that cannot start here); checking the binaries"
         as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >&2 || true
     fi
-    for bin in redis-server redis-cli redis-sentinel rabbitmq-server rabbitmqctl rabbitmq-plugins python3; do
+    for bin in redis-server redis-cli redis-sentinel rabbitmq-server rabbitmqctl rabbitmq-plugins prometheus python3; do
         command -v "$bin" >/dev/null 2>&1 || die "$bin is still missing after apt-get install"
     done
 fi

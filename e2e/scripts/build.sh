@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the control plane's binaries (etcd, kube-apiserver, kube-controller-manager, KEDA's operator
-# and metrics apiserver) from the Go module proxy at the versions pinned in e2e/*/go.mod, into a cache
+# and metrics apiserver, prometheus-adapter) from the Go module proxy at the versions pinned in e2e/*/go.mod, into a cache
 # outside the clone keyed by each module's go.mod and go.sum: a second run, or a fresh clone on the
 # same machine, rebuilds nothing. Prints the bin directory on stdout.
 #
@@ -23,7 +23,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # build MODULE_DIR LDFLAGS PACKAGE...: builds the packages of one module into a directory named by the
 # hash of its go.mod and go.sum; binaries are named after the last element of the package path (etcd's
-# root package is named "etcd").
+# root package is named "etcd"; prometheus-adapter's cmd/adapter "prometheus-adapter", beside KEDA's
+# metrics apiserver, which is "adapter").
 build() {
     local dir=$1 ldflags=$2
     shift 2
@@ -54,6 +55,7 @@ build() {
     (cd "$E2E/$dir" && go mod download && for pkg in "$@"; do
         local name=${pkg##*/}
         [ "$pkg" = go.etcd.io/etcd/server/v3 ] && name=etcd
+        [ "$pkg" = sigs.k8s.io/prometheus-adapter/cmd/adapter ] && name=prometheus-adapter
         go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp/$name" "$pkg"
     done)
     touch "$out.tmp/.complete"
@@ -89,6 +91,9 @@ dirs=(
     "$(build helm "-X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor" \
         helm.sh/helm/v3/cmd/helm)"
     "$(build helm-docs "" github.com/norwoodj/helm-docs/cmd/helm-docs)"
+    # Prometheus Adapter, for the plain HPA without KEDA (e2e/keda/prometheus_adapter_test.go); its
+    # Makefile sets no version.
+    "$(build prometheus-adapter "" sigs.k8s.io/prometheus-adapter/cmd/adapter)"
 )
 # One directory of links to the current binaries, for PATH.
 for d in "${dirs[@]}"; do

@@ -89,10 +89,10 @@ func (ca *CA) Issue(commonName string, orgs []string, names ...string) (*Leaf, e
 
 // Write stores the leaf as <dir>/<certName> and <dir>/<keyName>.
 func (l *Leaf) Write(dir, certName, keyName string) error {
-	if err := os.WriteFile(filepath.Join(dir, certName), l.CertPEM, 0o600); err != nil {
+	if err := writeFile(dir, certName, l.CertPEM); err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, keyName), l.KeyPEM, 0o600)
+	return writeFile(dir, keyName, l.KeyPEM)
 }
 
 func (c *Cluster) writeCerts() error {
@@ -129,8 +129,6 @@ func (c *Cluster) writeCerts() error {
 		// KEDA's operator (gRPC server) and metrics apiserver (its client, and the aggregated
 		// API's serving certificate) trust ca.crt of their cert dir and present tls.crt.
 		{ca, "keda-operator", nil, []string{"127.0.0.1", "localhost"}, c.path("keda-certs"), "tls.crt", "tls.key", true},
-		// The aggregator verifies the name <service>.<namespace>.svc, whatever address it dials.
-		{ca, "keda-metrics-apiserver", nil, []string{"127.0.0.1", "localhost", "keda-metrics-apiserver." + c.KedaNamespace + ".svc"}, c.path("adapter-certs"), "tls.crt", "tls.key", true},
 	}
 	for _, l := range leaves {
 		cert, err := l.ca.Issue(l.cn, l.orgs, l.names...)
@@ -141,10 +139,14 @@ func (c *Cluster) writeCerts() error {
 			return err
 		}
 		if l.alsoCACopy {
-			if err := os.WriteFile(filepath.Join(l.dir, "ca.crt"), ca.CertPEM, 0o600); err != nil {
+			if err := writeFile(l.dir, "ca.crt", ca.CertPEM); err != nil {
 				return err
 			}
 		}
+	}
+	// KEDA's metrics apiserver serves the external metrics API (apiservice.go).
+	if err := c.servingCert(c.path("adapter-certs"), c.KedaNamespace, "keda-metrics-apiserver"); err != nil {
+		return err
 	}
 	_, _, err = serviceAccountKey(pki)
 	return err
@@ -172,6 +174,11 @@ func serviceAccountKey(dir string) (pub, priv string, err error) {
 		return "", "", err
 	}
 	return pub, priv, nil
+}
+
+// writeFile writes a file of the work directory, readable by this user only.
+func writeFile(dir, name string, b []byte) error {
+	return os.WriteFile(filepath.Join(dir, name), b, 0o600)
 }
 
 func pemBlock(kind string, der []byte) []byte {

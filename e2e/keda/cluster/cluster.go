@@ -2,7 +2,10 @@
 // one file per component as envtest splits its control plane: kubernetes.go (etcd, kube-apiserver,
 // kube-controller-manager with the deployment, replicaset, job, HPA and garbage collector
 // controllers), keda.go (KEDA's CRDs, the operator, and KEDA's metrics apiserver registered as the
-// external metrics API), certs.go (one CA for everything), apply.go (server-side apply of YAML).
+// external metrics API), or, on a control plane without KEDA, prometheus.go (a Prometheus server)
+// and prometheusadapter.go (Prometheus Adapter registered as the external metrics API instead),
+// apiservice.go (that registration), certs.go (one CA for everything), apply.go (server-side
+// apply of YAML).
 // Package process (cluster/process) starts, watches and stops the processes. There is no kubelet:
 // pods are created but never run.
 package cluster
@@ -36,7 +39,9 @@ type Config struct {
 	HPASyncPeriod time.Duration
 	// HPADownscaleStabilization is the HPA's default scale-down window (default 5 min).
 	HPADownscaleStabilization time.Duration
-	// NoKeda starts the Kubernetes part only (for debugging the control plane itself).
+	// NoKeda starts the Kubernetes part only: for debugging the control plane itself, and for
+	// Prometheus Adapter (StartPrometheusAdapter), which needs the external metrics API that KEDA's
+	// metrics apiserver would hold.
 	NoKeda bool
 	// Log receives one line per start-up step.
 	Log func(format string, args ...any)
@@ -58,6 +63,11 @@ type Cluster struct {
 	OperatorLog string
 	// AdapterLog is the metrics apiserver's log file.
 	AdapterLog string
+	// PrometheusLog and PrometheusAdapterLog are the log files of Prometheus and Prometheus Adapter
+	// (StartPrometheus, StartPrometheusAdapter: a cluster without KEDA).
+	PrometheusLog        string
+	PrometheusAdapterLog string
+
 	apiURL     string
 	etcdURL    string
 	mapperMu   sync.Mutex
@@ -114,7 +124,8 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 }
 
 // Pid is the process id of a started control-plane process ("etcd", "kube-apiserver",
-// "kube-controller-manager", "operator", "adapter"), or 0 when it does not run.
+// "kube-controller-manager", "operator", "adapter", "prometheus", "prometheus-adapter"), or 0 when
+// it does not run.
 func (c *Cluster) Pid(name string) int {
 	for _, p := range c.procs {
 		if p.Name == name {
@@ -138,7 +149,12 @@ func (c *Cluster) path(parts ...string) string {
 
 // start runs one of the control plane's binaries from BinDir, its log in <WorkDir>/logs.
 func (c *Cluster) start(name string, env []string, args ...string) (*process.Process, error) {
-	p, err := process.Start(name, filepath.Join(c.cfg.BinDir, name), c.path("logs", name+".log"), env, args...)
+	return c.startBinary(name, filepath.Join(c.cfg.BinDir, name), env, args...)
+}
+
+// startBinary runs bin as the component name, its log in <WorkDir>/logs/<name>.log; Stop ends it.
+func (c *Cluster) startBinary(name, bin string, env []string, args ...string) (*process.Process, error) {
+	p, err := process.Start(name, bin, c.path("logs", name+".log"), env, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -81,9 +81,20 @@ func (p *Publisher) Do(t testing.TB, cmd map[string]any) map[string]any {
 // Publish sends count `cks.sleep(seconds)` tasks to queue and returns when Celery has published them.
 func (p *Publisher) Publish(t testing.TB, queue string, count int, seconds float64) {
 	t.Helper()
-	got := p.Do(t, map[string]any{"op": "publish", "queue": queue, "count": count, "seconds": seconds})
-	if got["published"] != float64(count) {
-		t.Fatalf("published %v tasks, want %d", got["published"], count)
+	p.publish(t, count, map[string]any{"op": "publish", "queue": queue, "count": count, "seconds": seconds})
+}
+
+// PublishPriority sends count `cks.sleep(0)` tasks to queue with a Celery message priority (on
+// Redis, kombu puts each priority step in a list of its own).
+func (p *Publisher) PublishPriority(t testing.TB, queue string, count, priority int) {
+	t.Helper()
+	p.publish(t, count, map[string]any{"op": "publish", "queue": queue, "count": count, "seconds": 0, "priority": priority})
+}
+
+func (p *Publisher) publish(t testing.TB, count int, cmd map[string]any) {
+	t.Helper()
+	if got := p.Do(t, cmd); got["published"] != float64(count) {
+		t.Fatalf("published %v tasks (%v), want %d", got["published"], cmd, count)
 	}
 }
 

@@ -21,7 +21,13 @@ import (
 // controller runs, and the control plane's state is thrown away after the run).
 func Namespace(t testing.TB, name string) string {
 	t.Helper()
-	_, err := Kube.Client.CoreV1().Namespaces().Create(context.Background(),
+	return NamespaceOn(t, Kube, name)
+}
+
+// NamespaceOn is Namespace on another control plane (a test's own).
+func NamespaceOn(t testing.TB, kube *cluster.Cluster, name string) string {
+	t.Helper()
+	_, err := kube.Client.CoreV1().Namespaces().Create(context.Background(),
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
 	if err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatalf("create namespace %s: %v", name, err)
@@ -182,6 +188,35 @@ func Apply(t testing.TB, ns string, objs ...*unstructured.Unstructured) {
 			})
 		}
 	}
+}
+
+// ApplyOn server-side applies objects into ns of another control plane (a test's own).
+func ApplyOn(t testing.TB, kube *cluster.Cluster, ns string, objs ...*unstructured.Unstructured) {
+	t.Helper()
+	for _, o := range objs {
+		if _, err := kube.Apply(context.Background(), ns, o); err != nil {
+			t.Fatalf("apply %s %s in %s: %v", o.GetKind(), o.GetName(), ns, err)
+		}
+	}
+}
+
+// ContainerEnv returns the NAME=value entries with a literal value of the environment of a
+// Deployment's first container: how a test runs a process as the manifest would.
+func ContainerEnv(t testing.TB, dep *unstructured.Unstructured) []string {
+	t.Helper()
+	containers, _, _ := unstructured.NestedSlice(dep.Object, "spec", "template", "spec", "containers")
+	if len(containers) == 0 {
+		t.Fatalf("Deployment %s has no containers", dep.GetName())
+	}
+	var env []string
+	entries, _ := containers[0].(map[string]any)["env"].([]any)
+	for _, e := range entries {
+		m, _ := e.(map[string]any)
+		if v, ok := m["value"].(string); ok {
+			env = append(env, fmt.Sprintf("%s=%s", m["name"], v))
+		}
+	}
+	return env
 }
 
 // ReadFile returns a file's content or fails the test.

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/celery-keda-scaler/e2e/keda/cluster"
 	appsv1 "k8s.io/api/apps/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -35,15 +36,21 @@ func (c ReplicaChange) String() string {
 // WatchReplicas starts watching a Deployment's spec.replicas until the test ends (or Stop).
 func WatchReplicas(t testing.TB, ns, name string) *ReplicaWatch {
 	t.Helper()
+	return WatchReplicasOn(t, Kube, ns, name)
+}
+
+// WatchReplicasOn is WatchReplicas on another control plane (a test's own).
+func WatchReplicasOn(t testing.TB, kube *cluster.Cluster, ns, name string) *ReplicaWatch {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	rw := &ReplicaWatch{notify: make(chan struct{}, 1), stop: cancel}
 	t.Cleanup(cancel)
-	list, err := Kube.Client.AppsV1().Deployments(ns).List(ctx, metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("metadata.name", name).String()})
+	list, err := kube.Client.AppsV1().Deployments(ns).List(ctx, metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("metadata.name", name).String()})
 	if err != nil || len(list.Items) != 1 {
 		t.Fatalf("deployment %s/%s: %v (found %d)", ns, name, err, len(list.Items))
 	}
 	rw.record(list.Items[0].Spec.Replicas)
-	w, err := Kube.Client.AppsV1().Deployments(ns).Watch(ctx, metav1.ListOptions{
+	w, err := kube.Client.AppsV1().Deployments(ns).Watch(ctx, metav1.ListOptions{
 		FieldSelector:   fields.OneTermEqualSelector("metadata.name", name).String(),
 		ResourceVersion: list.ResourceVersion,
 	})
@@ -118,7 +125,7 @@ func HoldReplicas(t testing.TB, rw *ReplicaWatch, want int32, period time.Durati
 	time.Sleep(period)
 	for _, c := range rw.Changes() {
 		if c.At.After(start) || rw.Current().Replicas != want {
-			t.Fatalf("replicas changed while the mistake was in place: %v (want %d throughout)", rw.Changes(), want)
+			t.Fatalf("replicas changed within %s: %v (want %d throughout)", period, rw.Changes(), want)
 		}
 	}
 }

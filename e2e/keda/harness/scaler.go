@@ -148,3 +148,60 @@ func (s *ScalerProcess) WaitStreams(t testing.TB, n float64, timeout time.Durati
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Samples reads every series of a metric from the scaler's /metrics whose labels include match
+// (label name -> value), keyed by the series' label text as printed.
+func (s *ScalerProcess) Samples(name string, match map[string]string) (map[string]float64, error) {
+	body, err := process.HTTPGet(&http.Client{Timeout: 5 * time.Second}, "http://"+s.Admin+"/metrics")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(body, "\n") {
+		rest, ok := strings.CutPrefix(line, name+"{")
+		if !ok {
+			continue
+		}
+		labels, value, ok := strings.Cut(rest, "} ")
+		if !ok {
+			return nil, fmt.Errorf("unexpected line in /metrics: %q", line)
+		}
+		matched := 0
+		for _, pair := range strings.Split(labels, ",") {
+			k, v, _ := strings.Cut(pair, "=")
+			if want, ok := match[k]; ok && strconv.Quote(want) == v {
+				matched++
+			}
+		}
+		if matched < len(match) {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err != nil {
+			return nil, fmt.Errorf("line %q: %w", line, err)
+		}
+		out[labels] = f
+	}
+	return out, nil
+}
+
+// WaitSum waits until the series of a metric whose labels include match add up to exactly want in
+// the scaler's /metrics (at least one series).
+func (s *ScalerProcess) WaitSum(t testing.TB, name string, match map[string]string, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got, err := s.Samples(name, match)
+		sum := 0.0
+		for _, v := range got {
+			sum += v
+		}
+		if err == nil && len(got) > 0 && sum == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("scaler %s: %s%v is %v (sum %v, err %v), want %v within 30s\n%s", s.Admin, name, match, got, sum, err, want, process.Tail(s.Log, 10))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

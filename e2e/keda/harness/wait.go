@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/kubernetes"
 )
 
 // Describe says what KEDA reported about a ScaledObject or ScaledJob: its conditions, the
@@ -35,22 +36,28 @@ func Describe(ns string, gvr schema.GroupVersionResource, name string) string {
 		names, _, _ := unstructured.NestedStringSlice(u.Object, "status", "externalMetricNames")
 		fmt.Fprintf(&b, "  externalMetricNames: %v\n", names)
 	}
-	if evs, err := Kube.Client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{}); err == nil {
-		sort.Slice(evs.Items, func(i, j int) bool { return evs.Items[i].LastTimestamp.Before(&evs.Items[j].LastTimestamp) })
-		fmt.Fprintf(&b, "events in %s:\n", ns)
-		for _, e := range evs.Items {
-			fmt.Fprintf(&b, "  %s %s %s/%s: %s (x%d)\n", e.Type, e.Reason, e.InvolvedObject.Kind, e.InvolvedObject.Name, e.Message, e.Count)
-		}
-	}
-	if hpas, err := Kube.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).List(ctx, metav1.ListOptions{}); err == nil {
-		for _, h := range hpas.Items {
-			st, _ := json.Marshal(h.Status)
-			fmt.Fprintf(&b, "hpa %s status: %s\n", h.Name, st)
-		}
-	}
+	describeNamespace(&b, Kube.Client, ns)
 	fmt.Fprintf(&b, "operator log lines about %s/%s:\n%s", ns, name, GrepLog(Kube.OperatorLog, ns, 25))
 	fmt.Fprintf(&b, "%s\n", process.Tail(Scaler.Log, 15))
 	return b.String()
+}
+
+// describeNamespace writes a namespace's events, oldest first, and the status of its HPAs.
+func describeNamespace(b *strings.Builder, client kubernetes.Interface, ns string) {
+	ctx := context.Background()
+	if evs, err := client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{}); err == nil {
+		sort.Slice(evs.Items, func(i, j int) bool { return evs.Items[i].LastTimestamp.Before(&evs.Items[j].LastTimestamp) })
+		fmt.Fprintf(b, "events in %s:\n", ns)
+		for _, e := range evs.Items {
+			fmt.Fprintf(b, "  %s %s %s/%s: %s (x%d)\n", e.Type, e.Reason, e.InvolvedObject.Kind, e.InvolvedObject.Name, e.Message, e.Count)
+		}
+	}
+	if hpas, err := client.AutoscalingV2().HorizontalPodAutoscalers(ns).List(ctx, metav1.ListOptions{}); err == nil {
+		for _, h := range hpas.Items {
+			st, _ := json.Marshal(h.Status)
+			fmt.Fprintf(b, "hpa %s status: %s\n", h.Name, st)
+		}
+	}
 }
 
 // GrepLog returns the last n lines of a log file that contain needle (each cut at 400 bytes).
