@@ -144,6 +144,10 @@ impl Metrics {
             Family::<BrokerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let census_failures = Family::<BrokerLabels, Counter>::default();
         let census_unresolved = Family::<BrokerLabels, Counter>::default();
+        // Every broker kind with a census starts at zero, so `rate()` sees its first increase.
+        for broker in ["redis", "rabbitmq"] {
+            let _ = census_unresolved.get_or_create(&BrokerLabels { broker });
+        }
         let tls_reloads = Family::<ResultLabels, Counter>::default();
         let tls_handshake_failures = Counter::default();
         let queue_series_dropped = Counter::default();
