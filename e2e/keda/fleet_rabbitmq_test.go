@@ -57,7 +57,9 @@ func BenchmarkRabbitMQFleet(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Cleanup(scaler.Stop)
-	deployment := harness.Find(b, harness.ReadExample(b, "deploy/examples/rabbitmq/worker.yaml"), "Deployment")
+	example := harness.ReadExample(b, "deploy/examples/rabbitmq/worker.yaml")
+	secret, deployment := harness.Find(b, example, "Secret"), harness.Find(b, example, "Deployment")
+	harness.Set(b, secret, proxied.String(), "stringData", "url") // KEDA resolves the Deployment's env
 	harness.SetImage(b, deployment)
 	rabbitPid := rabbitmqPid(b)
 
@@ -68,6 +70,7 @@ func BenchmarkRabbitMQFleet(b *testing.B) {
 	for n := 0; n < b.N; n++ {
 		for _, variant := range variants {
 			ns := harness.Namespace(b, fmt.Sprintf("rfleet-%d-%s", n, variant))
+			harness.Apply(b, ns, secret)
 			for i, q := range queues {
 				name := fmt.Sprintf("w-%d", i)
 				var so *unstructured.Unstructured
@@ -92,7 +95,10 @@ func BenchmarkRabbitMQFleet(b *testing.B) {
 			}
 			waitFleetReady(b, []string{ns}, sets)
 			idle := measureRabbit(b, variant+" idle", scaler, rabbitPid, amqp, api, window)
+			b.Logf("%s", idle)
 			lat := fleetActivation(b, pub, ns, trials)
+			// The activated queues hold 1 task each: emptied, so that 5 tasks make 1 replica.
+			pub.Purge(b, queues[:trials]...)
 			for _, q := range queues {
 				pub.Publish(b, q, 5, 0)
 			}
@@ -100,8 +106,8 @@ func BenchmarkRabbitMQFleet(b *testing.B) {
 			active := measureRabbit(b, variant+" active", scaler, rabbitPid, amqp, api, window)
 			p50, p90 := harness.Percentile(lat, 50), harness.Percentile(lat, 90)
 			b.Logf("%s: activation inside the idle fleet, %d trials: p50 %.0f ms, p90 %.0f ms, max %.0f ms", variant, len(lat), harness.Ms(p50), harness.Ms(p90), harness.Ms(lat[len(lat)-1]))
+			b.Logf("%s", active)
 			for _, m := range []rabbitFigures{idle, active} {
-				b.Logf("%s", m)
 				harness.WriteResult(b, "rabbitmq-fleet", map[string]any{
 					"variant": m.name, "scaled_objects": sets, "amqp_methods_per_s": m.methodsPerSecond,
 					"management_requests_per_s": m.requestsPerSecond, "methods": m.methods,

@@ -31,7 +31,7 @@ type AMQPCounter struct {
 var amqpMethods = map[[2]uint16]string{
 	{10, 11}: "connection.start-ok", {10, 31}: "connection.tune-ok", {10, 40}: "connection.open",
 	{10, 50}: "connection.close", {10, 51}: "connection.close-ok",
-	{20, 10}: "channel.open", {20, 40}: "channel.close", {20, 41}: "channel.close-ok",
+	{20, 10}: "channel.open", {20, 40}: "channel.close", {20, 41}: "channel.close-ok", {40, 10}: "exchange.declare",
 	{50, 10}: "queue.declare", {60, 70}: "basic.get", {60, 10}: "basic.qos", {60, 20}: "basic.consume",
 	{60, 40}: "basic.publish", {60, 80}: "basic.ack",
 }
