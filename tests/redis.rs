@@ -1573,6 +1573,14 @@ async fn a_watched_set_a_trigger_reads_is_not_read_again() {
     let server = OwnRedis::start(None, None);
     let url = server.url(None);
     let q = unique("w-shared");
+    // What the same Celery publish costs by itself (kombu sizes the queue it declares), measured
+    // on a queue of its own before the scaler reads anything.
+    let mut conn = raw_redis(&url).await;
+    let alone = format!("{q}-alone");
+    reset_command_calls(&mut conn).await;
+    CeleryConf::new(&url).publish(&alone, &["--priorities", "0-6"]);
+    let publisher_llen = calls(&command_calls(&mut conn).await, "llen");
+    cleanup_redis(&url, "", &[&alone]).await;
     let env = BrokerEnv::from_vars([("CELERY_BROKER_URL".to_string(), url.clone())]).unwrap();
     let scaler = watching(
         env,
@@ -1587,14 +1595,6 @@ async fn a_watched_set_a_trigger_reads_is_not_read_again() {
         async move { (scaler.metric(&line).await == Some(0.0)).then_some(()) }
     })
     .await;
-    let mut conn = raw_redis(&url).await;
-    // What the same Celery publish costs by itself (kombu sizes the queue it declares), measured
-    // on a queue that nothing else reads.
-    let alone = format!("{q}-alone");
-    reset_command_calls(&mut conn).await;
-    CeleryConf::new(&url).publish(&alone, &["--priorities", "0-6"]);
-    let publisher_llen = calls(&command_calls(&mut conn).await, "llen");
-    cleanup_redis(&url, "", &[&alone]).await;
     reset_command_calls(&mut conn).await;
     let mut client = scaler.client().await;
     let m = meta(&[("queues", &q), ("scaleOnRunning", "false")]);
