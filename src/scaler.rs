@@ -296,10 +296,8 @@ impl Core {
         };
         {
             let mut shared = self.shared_readings();
-            if let Some(slot) = (!shared.is_empty())
-                .then(|| shared.get_mut(query))
-                .flatten()
-            {
+            // Without watched queries the map is empty, and a lookup hashes nothing.
+            if let Some(slot) = shared.get_mut(query) {
                 *slot = result.as_ref().ok().map(|d| (Instant::now(), d.clone()));
             }
         }

@@ -27,15 +27,9 @@ impl Broker for RabbitBroker {
         queues: &[String],
         in_flight: bool,
     ) -> Result<Option<Depth>> {
-        let list = self.target.hosts.len() > 1;
-        let cached = list && self.connected().await;
-        let found = match self.anything_in(queues, in_flight).await {
-            Err(e) if cached && did_not_answer(&e) => {
-                self.forget_connection().await;
-                self.anything_in(queues, in_flight).await
-            }
-            other => other,
-        }?;
+        let found = self
+            .on_a_live_connection(|| self.anything_in(queues, in_flight))
+            .await?;
         if !found {
             return Ok(None);
         }
@@ -48,22 +42,30 @@ impl Broker for RabbitBroker {
         queues: &[String],
         in_flight: bool,
     ) -> Result<Depth> {
-        // On a failover list, a connection that was open before the reading and turns out dead
-        // (its host went away since) does not fail the reading: it is dropped, and the reading
-        // runs once more on a new connection to the first host that answers.
-        let list = self.target.hosts.len() > 1;
-        let cached = list && self.connected().await;
-        match self.read_depth(layout, queues, in_flight).await {
-            Err(e) if cached && did_not_answer(&e) => {
-                self.forget_connection().await;
-                self.read_depth(layout, queues, in_flight).await
-            }
-            other => other,
-        }
+        self.on_a_live_connection(|| self.read_depth(layout, queues, in_flight))
+            .await
     }
 }
 
 impl RabbitBroker {
+    /// Runs `read`. On a failover list, a connection that was open before it and turns out dead
+    /// (its host went away since) does not fail it: the connection is dropped, and `read` runs
+    /// once more on a new connection to the first host that answers.
+    async fn on_a_live_connection<T, F, Fut>(&self, read: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let cached = self.target.hosts.len() > 1 && self.connected().await;
+        match read().await {
+            Err(e) if cached && did_not_answer(&e) => {
+                self.forget_connection().await;
+                read().await
+            }
+            other => other,
+        }
+    }
+
     /// The idle look: one passive `queue.declare` per queue, no management API. A queue with no
     /// ready message and no consumer has nothing in flight either (only a consumer holds
     /// unacknowledged deliveries), so the full reading runs only when a queue has messages or,
