@@ -629,37 +629,7 @@ async fn watched_numbers_beside_flower() {
     }
     let (ready, unacked) = state;
 
-    let env = celery_keda_scaler::broker_env::BrokerEnv::from_vars([(
-        "CELERY_BROKER_URL".to_string(),
-        url.clone(),
-    )])
-    .unwrap();
-    let list = celery_keda_scaler::watch::parse(q, &env, &Default::default()).unwrap();
-    let scaler = Scaler::start_with(
-        env,
-        celery_keda_scaler::server::ServeSettings {
-            watch: list,
-            watch_interval: Duration::from_millis(500),
-            ..Default::default()
-        },
-    )
-    .await;
-    let gauge = |state: &str| {
-        format!("celery_keda_watched_queue_tasks{{broker=\"default\",queue=\"{q}\",state=\"{state}\"}} ")
-    };
-    let expected = [("ready", ready), ("in_flight", unacked), ("running", 2)];
-    wait_for("the watched gauges at the broker's numbers", SETTLE, || {
-        let scaler = &scaler;
-        let gauge = &gauge;
-        async move {
-            let body = scaler.admin_get("/metrics").await.1;
-            expected
-                .iter()
-                .all(|(state, n)| metric_in(&body, &gauge(state)) == Some(*n as f64))
-                .then_some(())
-        }
-    })
-    .await;
+    let scaler = watching_until(&url, q, [ready, unacked, 2], SETTLE).await;
 
     let port = free_port();
     let api = management_base().replacen("://", "://guest:guest@", 1) + "/api/";

@@ -1462,26 +1462,6 @@ async fn is_active_right_after_a_push_agrees_with_it() {
 
 // The watch list (--watch)
 
-/// `celery_keda_watched_queue_tasks{broker,queue,state}` for `queue` of the default broker.
-fn watched(queue: &str, state: &str) -> String {
-    format!("celery_keda_watched_queue_tasks{{broker=\"default\",queue=\"{queue}\",state=\"{state}\"}} ")
-}
-
-/// A scaler whose watch list is `watch` over `env`, read every `interval`.
-async fn watching(env: BrokerEnv, watch: &str, interval: Duration) -> Scaler {
-    let list = celery_keda_scaler::watch::parse(watch, &env, &Default::default())
-        .expect("the watch list parses");
-    Scaler::start_with(
-        env,
-        ServeSettings {
-            watch: list,
-            watch_interval: interval,
-            ..ServeSettingsExt::no_window()
-        },
-    )
-    .await
-}
-
 /// Watched queues are exported by state with exact counts from real Celery: ten tasks over the
 /// four priority lists are ready; an ETA task a worker holds is in flight; two tasks the worker
 /// runs after acknowledging them are running. A watched queue whose broker does not answer is
@@ -1534,18 +1514,9 @@ async fn watched_queues_are_exported_by_state() {
             0.0,
         ),
     ];
-    let body = wait_for("the watched gauges", SETTLE, || {
-        let scaler = &scaler;
-        let expected = &expected;
-        async move {
-            let body = scaler.admin_get("/metrics").await.1;
-            expected
-                .iter()
-                .all(|(line, v)| metric_in(&body, line) == Some(*v))
-                .then_some(body)
-        }
-    })
-    .await;
+    let body = scaler
+        .wait_metrics("the watched gauges", SETTLE, &expected)
+        .await;
     assert!(
         !body.contains("celery_keda_watched_queue_tasks{broker=\"down\""),
         "a failed reading exports no task samples:\n{body}"
@@ -1687,21 +1658,7 @@ async fn watched_numbers_beside_flower() {
         "the 10 tasks and the ETA task, ready or held"
     );
 
-    let env = BrokerEnv::from_vars([("CELERY_BROKER_URL".to_string(), url.clone())]).unwrap();
-    let scaler = watching(env, &q, Duration::from_millis(500)).await;
-    let expected = [("ready", ready), ("in_flight", unacked), ("running", 2)];
-    wait_for("the watched gauges at the broker's numbers", SETTLE, || {
-        let scaler = &scaler;
-        let q = &q;
-        async move {
-            let body = scaler.admin_get("/metrics").await.1;
-            expected
-                .iter()
-                .all(|(state, n)| metric_in(&body, &watched(q, state)) == Some(*n as f64))
-                .then_some(())
-        }
-    })
-    .await;
+    let scaler = watching_until(&url, &q, [ready, unacked, 2], SETTLE).await;
 
     let port = free_port();
     let _flower = conf.flower(port, None);

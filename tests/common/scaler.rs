@@ -264,6 +264,75 @@ pub async fn admin_get_at(admin: SocketAddr, path: &str) -> (String, String) {
     )
 }
 
+// The watch list (--watch)
+
+/// The line prefix of `celery_keda_watched_queue_tasks` for `queue` of the default broker.
+pub fn watched(queue: &str, state: &str) -> String {
+    format!("celery_keda_watched_queue_tasks{{broker=\"default\",queue=\"{queue}\",state=\"{state}\"}} ")
+}
+
+/// An in-process scaler (result window off) whose watch list is `watch` over `env`, read every
+/// `interval`.
+pub async fn watching(env: BrokerEnv, watch: &str, interval: Duration) -> Scaler {
+    let list = celery_keda_scaler::watch::parse(watch, &env, &Default::default())
+        .expect("the watch list parses");
+    Scaler::start_with(
+        env,
+        ServeSettings {
+            watch: list,
+            watch_interval: interval,
+            ..ServeSettingsExt::no_window()
+        },
+    )
+    .await
+}
+
+/// A scaler watching `queue` of the default broker `url` every 500 ms, once its gauges read
+/// exactly `ready`, `in_flight` and `running` (waiting up to `limit`).
+pub async fn watching_until(
+    url: &str,
+    queue: &str,
+    [ready, in_flight, running]: [u64; 3],
+    limit: Duration,
+) -> Scaler {
+    let env = BrokerEnv::from_vars([("CELERY_BROKER_URL".to_string(), url.to_string())]).unwrap();
+    let scaler = watching(env, queue, Duration::from_millis(500)).await;
+    let expected = [
+        ("ready", ready),
+        ("in_flight", in_flight),
+        ("running", running),
+    ]
+    .map(|(state, n)| (watched(queue, state), n as f64));
+    scaler
+        .wait_metrics(
+            "the watched gauges at the broker's numbers",
+            limit,
+            &expected,
+        )
+        .await;
+    scaler
+}
+
+impl Scaler {
+    /// Waits (up to `limit`) until every (line prefix, value) of `expected` is in `/metrics`;
+    /// returns that body.
+    pub async fn wait_metrics(
+        &self,
+        what: &str,
+        limit: Duration,
+        expected: &[(String, f64)],
+    ) -> String {
+        super::wait_for(what, limit, || async {
+            let body = self.admin_get("/metrics").await.1;
+            expected
+                .iter()
+                .all(|(line, v)| metric_in(&body, line) == Some(*v))
+                .then_some(body)
+        })
+        .await
+    }
+}
+
 /// The value of the metric line of `body` that starts with `prefix` (name and labels).
 pub fn metric_in(body: &str, prefix: &str) -> Option<f64> {
     body.lines()
